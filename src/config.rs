@@ -1,0 +1,562 @@
+//! The TOML file and GoDoxy's environment variables, merged into one validated [`Config`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+/// Where `godoxy-agent run` looks for its configuration when no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/godoxy-agent/config.toml";
+
+/// The default port of both listeners (GoDoxy's agent port).
+pub const DEFAULT_PORT: u16 = 8890;
+
+/// The whole effective configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Reported by `/godoxy/agent/name` and `/info`.
+    pub name: String,
+    /// Reported by `/godoxy/agent/runtime`.
+    pub runtime: Runtime,
+    /// Listening sockets.
+    pub listen: Listen,
+    /// Certificates and client authentication.
+    pub tls: TlsConfig,
+    /// Tunnel timeouts and limits.
+    pub stream: StreamConfig,
+    /// Things the operator should know about how this configuration was put together.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+}
+
+/// Container runtime reported to the GoDoxy server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// Docker (the default).
+    Docker,
+    /// Podman.
+    Podman,
+}
+
+impl Runtime {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Docker => "docker",
+            Self::Podman => "podman",
+        }
+    }
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    /// The TLS port (ALPN mux between the stream tunnel and the HTTP API).
+    pub tcp: SocketAddr,
+    /// The DTLS port; `""` disables UDP tunnels.
+    #[serde(with = "optional_addr")]
+    pub udp: Option<SocketAddr>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        let any = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT));
+        Self {
+            tcp: any,
+            udp: Some(any),
+        }
+    }
+}
+
+/// `[tls]`, after environment overrides.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsConfig {
+    /// The CA that client certificates must chain to.
+    pub ca: PemSource,
+    /// The server certificate (chain).
+    pub cert: PemSource,
+    /// The server private key (SEC1 or PKCS#8 PEM).
+    pub key: PemSource,
+    /// Refuse clients without a certificate from `ca`. Off only with a loud warning.
+    pub require_client_cert: bool,
+    /// Create a fresh CA, server and client set when the files are missing (local trials).
+    pub generate_if_missing: bool,
+}
+
+/// Where a piece of PEM comes from.
+#[derive(Clone, Serialize)]
+#[serde(untagged)]
+pub enum PemSource {
+    /// A file on disk.
+    File(PathBuf),
+    /// Decoded from an environment variable; the bytes are never printed.
+    #[serde(serialize_with = "serialize_env_pem")]
+    Env {
+        /// The variable it came from.
+        var: &'static str,
+        /// PEM text.
+        pem: Vec<u8>,
+    },
+}
+
+impl fmt::Debug for PemSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => f.debug_tuple("File").field(path).finish(),
+            Self::Env { var, .. } => write!(f, "Env({var}, MASKED)"),
+        }
+    }
+}
+
+impl fmt::Display for PemSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Env { var, .. } => write!(f, "${var}"),
+        }
+    }
+}
+
+fn serialize_env_pem<S: serde::Serializer>(
+    var: &&'static str,
+    _pem: &[u8],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("<from ${var}, elided>"))
+}
+
+/// `[stream]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Time a client has to finish the TLS or DTLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Time a client has, after the handshake, to send the 275-byte header.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time allowed to resolve and connect to a tunnel destination.
+    #[serde(with = "humantime_serde")]
+    pub dial_timeout: Duration,
+    /// A UDP session with no datagram either way for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub udp_idle_timeout: Duration,
+    /// Open UDP sessions at most; new handshakes beyond it are refused.
+    pub max_udp_sessions: NonZeroUsize,
+    /// DTLS handshakes in flight at most; more are shed.
+    pub max_udp_handshakes: NonZeroUsize,
+    /// Open TLS connections (tunnels and HTTP) at most; beyond it accepting waits.
+    pub max_connections: NonZeroUsize,
+    /// On SIGTERM/SIGINT, how long open tunnels may go on before they are closed.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            dial_timeout: Duration::from_secs(10),
+            udp_idle_timeout: Duration::from_secs(120),
+            max_udp_sessions: NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN),
+            max_udp_handshakes: NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
+            max_connections: NonZeroUsize::new(8192).unwrap_or(NonZeroUsize::MIN),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One thing wrong with the configuration, naming where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse, or a key is unknown or has a bad value (message has the line).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message: line, column, the offending key and what was expected.
+        message: String,
+    },
+    /// A value that parsed but breaks a rule.
+    #[error("{origin}: `{key}`: {reason}")]
+    Invalid {
+        /// The file, or "defaults".
+        origin: String,
+        /// Dotted key, e.g. `stream.header_timeout`.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An environment variable with a bad value.
+    #[error("environment variable {var}: {reason}")]
+    Env {
+        /// Its name.
+        var: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Every error found in one load, so an operator fixes them all in one go.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, err) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{err}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The file as written: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    runtime: Option<Runtime>,
+    listen: Listen,
+    tls: FileTls,
+    stream: StreamConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    require_client_cert: bool,
+    generate_if_missing: bool,
+}
+
+impl Default for FileTls {
+    fn default() -> Self {
+        Self {
+            ca: PathBuf::from("/etc/godoxy-agent/ca.pem"),
+            cert: PathBuf::from("/etc/godoxy-agent/server.pem"),
+            key: PathBuf::from("/etc/godoxy-agent/server.key"),
+            require_client_cert: true,
+            generate_if_missing: false,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file at `path` (or only defaults when `None`) and applies the process
+    /// environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigErrors> {
+        Self::load_with_env(path, |var| std::env::var(var).ok())
+    }
+
+    /// As [`Config::load`], reading variables through `env` (tests pass their own).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigErrors> {
+        let (text, origin) = match path {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => (text, Some(path)),
+                Err(source) => {
+                    return Err(ConfigErrors(vec![ConfigError::Read {
+                        path: path.to_owned(),
+                        source,
+                    }]));
+                }
+            },
+            None => (String::new(), None),
+        };
+        Self::from_toml(&text, origin, env)
+    }
+
+    /// Parses TOML text; relative certificate paths are taken from `origin`'s folder.
+    pub fn from_toml(
+        text: &str,
+        origin: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigErrors> {
+        let origin_name = origin.map_or_else(|| "defaults".to_owned(), |p| p.display().to_string());
+        let file: FileConfig = toml::from_str(text).map_err(|err| {
+            ConfigErrors(vec![ConfigError::Parse {
+                path: origin.map_or_else(|| PathBuf::from("<defaults>"), Path::to_owned),
+                message: err.to_string().trim_end().to_owned(),
+            }])
+        })?;
+        let base = origin
+            .and_then(Path::parent)
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+
+        let mut config = Config {
+            name: file.name.unwrap_or_else(default_name),
+            runtime: file.runtime.unwrap_or(Runtime::Docker),
+            listen: file.listen,
+            tls: TlsConfig {
+                ca: PemSource::File(resolve(file.tls.ca)),
+                cert: PemSource::File(resolve(file.tls.cert)),
+                key: PemSource::File(resolve(file.tls.key)),
+                require_client_cert: file.tls.require_client_cert,
+                generate_if_missing: file.tls.generate_if_missing,
+            },
+            stream: file.stream,
+            warnings: Vec::new(),
+        };
+        let mut errors = Vec::new();
+        config.validate(&origin_name, &mut errors);
+        config.apply_env(&env, &mut errors);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn validate(&self, origin: &str, errors: &mut Vec<ConfigError>) {
+        let mut invalid = |key, reason: &str| {
+            errors.push(ConfigError::Invalid {
+                origin: origin.to_owned(),
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.name.trim().is_empty() {
+            invalid("name", "must not be empty");
+        }
+        let timeouts = [
+            ("stream.handshake_timeout", self.stream.handshake_timeout),
+            ("stream.header_timeout", self.stream.header_timeout),
+            ("stream.dial_timeout", self.stream.dial_timeout),
+            ("stream.udp_idle_timeout", self.stream.udp_idle_timeout),
+        ];
+        for (key, value) in timeouts {
+            if value.is_zero() {
+                invalid(key, "must be longer than 0s");
+            }
+        }
+    }
+
+    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>, errors: &mut Vec<ConfigError>) {
+        let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        if let Some(name) = var("AGENT_NAME") {
+            self.name = name.trim().to_owned();
+        }
+        if let Some(port) = var("AGENT_PORT") {
+            match port.trim().parse::<u16>() {
+                Ok(port) if port != 0 => {
+                    self.listen.tcp.set_port(port);
+                    if let Some(udp) = &mut self.listen.udp {
+                        udp.set_port(port);
+                    }
+                }
+                _ => errors.push(ConfigError::Env {
+                    var: "AGENT_PORT",
+                    reason: format!("`{port}` is not a port number (1-65535)"),
+                }),
+            }
+        }
+        if let Some(runtime) = var("RUNTIME") {
+            match runtime.trim() {
+                "docker" => self.runtime = Runtime::Docker,
+                "podman" => self.runtime = Runtime::Podman,
+                other => errors.push(ConfigError::Env {
+                    var: "RUNTIME",
+                    reason: format!("`{other}` is not one of docker, podman"),
+                }),
+            }
+        }
+        if let Some(value) = var("AGENT_CA_CERT") {
+            match decode_pem_pair("AGENT_CA_CERT", &value) {
+                Ok((cert, key)) => {
+                    self.tls.ca = PemSource::Env {
+                        var: "AGENT_CA_CERT",
+                        pem: cert,
+                    };
+                    if key.is_some() {
+                        self.warnings.push(
+                            "AGENT_CA_CERT carries the CA private key; the agent does not need it \
+                             and has dropped it. Ship only the CA certificate to agents: whoever \
+                             holds that key can mint client certificates."
+                                .to_owned(),
+                        );
+                    }
+                }
+                Err(err) => errors.push(err),
+            }
+        }
+        if let Some(value) = var("AGENT_SSL_CERT") {
+            match decode_pem_pair("AGENT_SSL_CERT", &value) {
+                Ok((cert, Some(key))) => {
+                    self.tls.cert = PemSource::Env {
+                        var: "AGENT_SSL_CERT",
+                        pem: cert,
+                    };
+                    self.tls.key = PemSource::Env {
+                        var: "AGENT_SSL_CERT",
+                        pem: key,
+                    };
+                    self.tls.generate_if_missing = false;
+                }
+                Ok((_, None)) => errors.push(ConfigError::Env {
+                    var: "AGENT_SSL_CERT",
+                    reason: "expected base64(cert PEM);base64(key PEM) but found no key part"
+                        .to_owned(),
+                }),
+                Err(err) => errors.push(err),
+            }
+        }
+        if let Some(value) = var("AGENT_SKIP_CLIENT_CERT_CHECK") {
+            match parse_go_bool(value.trim()) {
+                Some(skip) => self.tls.require_client_cert = !skip,
+                None => errors.push(ConfigError::Env {
+                    var: "AGENT_SKIP_CLIENT_CERT_CHECK",
+                    reason: format!("`{value}` is not a boolean (true/false/1/0)"),
+                }),
+            }
+        }
+        if !self.tls.require_client_cert {
+            self.warnings.push(
+                "client certificates are NOT required: anyone who can reach the TLS port can \
+                 open tunnels to any destination this host can reach. Set \
+                 tls.require_client_cert = true and unset AGENT_SKIP_CLIENT_CERT_CHECK."
+                    .to_owned(),
+            );
+        }
+    }
+}
+
+/// Decodes GoDoxy's `base64(cert PEM);base64(key PEM)` form.
+fn decode_pem_pair(
+    var: &'static str,
+    value: &str,
+) -> Result<(Vec<u8>, Option<Vec<u8>>), ConfigError> {
+    let err = |reason: String| ConfigError::Env { var, reason };
+    let (cert, key) = match value.trim().split_once(';') {
+        Some((cert, key)) => (cert, Some(key).filter(|k| !k.trim().is_empty())),
+        None => (value.trim(), None),
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let cert = b64
+        .decode(cert.trim())
+        .map_err(|e| err(format!("certificate part is not base64: {e}")))?;
+    if !contains_pem_label(&cert, "CERTIFICATE") {
+        return Err(err(
+            "certificate part does not decode to a PEM certificate".to_owned()
+        ));
+    }
+    let key = match key {
+        Some(key) => {
+            let key = b64
+                .decode(key.trim())
+                .map_err(|e| err(format!("private key part is not base64: {e}")))?;
+            if !contains_pem_label(&key, "PRIVATE KEY") {
+                return Err(err(
+                    "private key part does not decode to a PEM private key".to_owned()
+                ));
+            }
+            Some(key)
+        }
+        None => None,
+    };
+    Ok((cert, key))
+}
+
+fn contains_pem_label(bytes: &[u8], label: &str) -> bool {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .any(|line| line.starts_with("-----BEGIN ") && line.contains(label))
+}
+
+/// Go's `strconv.ParseBool`, which GoDoxy uses for its flags.
+fn parse_go_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "godoxy-agent".to_owned())
+}
+
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not an address like 0.0.0.0:8890 or [::]:8890 (\"\" disables)"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_toml("", None, no_env).unwrap();
+        assert_eq!(c.listen.tcp.port(), 8890);
+        assert_eq!(c.stream.header_timeout, Duration::from_secs(10));
+        assert!(c.tls.require_client_cert);
+    }
+
+    #[test]
+    fn empty_udp_disables() {
+        let c = Config::from_toml("[listen]\nudp = \"\"\n", None, no_env).unwrap();
+        assert!(c.listen.udp.is_none());
+    }
+
+    #[test]
+    fn go_bools() {
+        assert_eq!(parse_go_bool("True"), Some(true));
+        assert_eq!(parse_go_bool("0"), Some(false));
+        assert_eq!(parse_go_bool("yes"), None);
+    }
+}

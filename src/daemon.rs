@@ -1,0 +1,96 @@
+//! `Daemon::bind` binds every socket; `Daemon::run` serves until shutdown, then drains.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::http_api::AgentInfo;
+use crate::tcp_listener::{self, Shared};
+use crate::tls::TlsMaterial;
+use crate::tunnel::Timeouts;
+
+/// A bound, ready-to-run agent.
+pub struct Daemon {
+    config: Arc<Config>,
+    tcp: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Daemon {
+    /// Loads the TLS material and binds the listeners. Errors say which file or address.
+    pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        crate::tls::install_default_provider();
+        let material = TlsMaterial::load(&config.tls)?;
+        let server_config = material.server_config(config.tls.require_client_cert)?;
+        let tcp = TcpListener::bind(config.listen.tcp)
+            .await
+            .with_context(|| format!("listen.tcp: binding {}", config.listen.tcp))?;
+        let shared = Arc::new(Shared {
+            acceptor: TlsAcceptor::from(server_config),
+            info: Arc::new(AgentInfo::new(&config)),
+            handshake_timeout: config.stream.handshake_timeout,
+            timeouts: Timeouts {
+                header: config.stream.header_timeout,
+                dial: config.stream.dial_timeout,
+            },
+        });
+        Ok(Self {
+            config: Arc::new(config),
+            tcp,
+            shared,
+        })
+    }
+
+    /// The bound TLS address (tests bind port 0 and read it here).
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp.local_addr().unwrap_or(self.config.listen.tcp)
+    }
+
+    /// Serves until `shutdown` fires; then stops accepting, gives open tunnels
+    /// `stream.shutdown_grace` to finish, and closes the rest.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tasks = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let limit = Arc::new(Semaphore::new(self.config.stream.max_connections.get()));
+        info!(
+            tcp = %self.tcp_addr(),
+            name = %self.config.name,
+            version = env!("CARGO_PKG_VERSION"),
+            "agent listening"
+        );
+        let accept = tokio::spawn(tcp_listener::run(
+            self.tcp,
+            self.shared.clone(),
+            limit,
+            tasks.clone(),
+            shutdown.clone(),
+            hard_stop.clone(),
+        ));
+        shutdown.cancelled().await;
+        let _ = accept.await;
+        tasks.close();
+        let open = tasks.len();
+        info!(open, grace = ?self.config.stream.shutdown_grace, "shutting down: listeners closed");
+        if tokio::time::timeout(self.config.stream.shutdown_grace, tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = tasks.len(),
+                "shutdown grace period over; closing the remaining connections"
+            );
+            hard_stop.cancel();
+            tasks.wait().await;
+        }
+        info!("shutdown complete");
+        Ok(())
+    }
+}

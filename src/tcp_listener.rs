@@ -1,0 +1,146 @@
+//! The TLS port: accept loop, per-connection handshake under a timeout, routing by ALPN.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{sleep, timeout};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument as _, debug, field, info, info_span, warn};
+
+use crate::alpn::Alpn;
+use crate::http_api::{self, AgentInfo};
+use crate::tunnel::{self, Timeouts};
+
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// What every connection task needs.
+pub struct Shared {
+    /// TLS with client authentication and the ALPN offer.
+    pub acceptor: TlsAcceptor,
+    /// For the HTTP API.
+    pub info: Arc<AgentInfo>,
+    /// Time a client has to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Tunnel timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// Accepts until `shutdown` fires. Each connection runs in its own task on `tasks`; a tunnel
+/// keeps relaying after `shutdown` until `hard_stop`.
+pub async fn run(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    loop {
+        // Take the permit before accepting, so at the cap the kernel backlog pushes back.
+        let Some(permit) = shutdown
+            .run_until_cancelled(limit.clone().acquire_owned())
+            .await
+        else {
+            break;
+        };
+        let Ok(permit) = permit else { break };
+        let Some(accepted) = shutdown.run_until_cancelled(listener.accept()).await else {
+            break;
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(err) => {
+                warn!(%err, "accept failed; retrying");
+                sleep(ACCEPT_RETRY_DELAY).await;
+                continue;
+            }
+        };
+        let span = info_span!("tcp", %peer, alpn = field::Empty, subject = field::Empty);
+        tasks.spawn(
+            serve_connection(
+                tcp,
+                shared.clone(),
+                shutdown.clone(),
+                hard_stop.clone(),
+                permit,
+            )
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    tunnel::tune(&tcp);
+    let handshake = tokio::select! {
+        r = timeout(shared.handshake_timeout, shared.acceptor.accept(tcp)) => r,
+        () = hard_stop.cancelled() => return,
+    };
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            warn!("TLS handshake failed: {err}");
+            return;
+        }
+        Err(_) => {
+            warn!(timeout = ?shared.handshake_timeout, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let alpn = Alpn::parse(conn.alpn_protocol());
+    let subject = conn
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map_or_else(|| "<none>".to_owned(), crate::tls::subject);
+    let span = tracing::Span::current();
+    span.record("alpn", alpn.as_str());
+    span.record("subject", subject.as_str());
+
+    match alpn {
+        Alpn::Stream => {
+            let report = tunnel::serve(tls, shared.timeouts, &hard_stop).await;
+            let destination = report
+                .destination
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), ToString::to_string);
+            let duration_ms = report.duration.as_millis() as u64;
+            if report.end.is_clean() || matches!(report.end, tunnel::End::Shutdown) {
+                info!(
+                    destination,
+                    up = report.up,
+                    down = report.down,
+                    duration_ms,
+                    reason = %report.end,
+                    "tunnel closed"
+                );
+            } else {
+                warn!(
+                    destination,
+                    up = report.up,
+                    down = report.down,
+                    duration_ms,
+                    reason = %report.end,
+                    "tunnel closed"
+                );
+            }
+        }
+        Alpn::Http => {
+            if let Err(err) =
+                http_api::serve(tls, shared.info.clone(), shared.timeouts.header, shutdown).await
+            {
+                debug!("HTTP connection ended: {err:#}");
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! rustls configuration: PEM loading, the client-certificate verifier, ALPN, peer subjects.
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, anyhow, bail};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::alpn::Alpn;
+use crate::config::{PemSource, TlsConfig};
+
+/// The crypto provider for TLS and DTLS alike: webrtc-dtls needs `ring`, and rustls can only
+/// pick a process default when exactly one provider is built in.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs [`provider`] as the process default; harmless when already installed.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Certificates and key, parsed.
+pub struct TlsMaterial {
+    /// Trusted CA certificates for client authentication.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// The server's certificate chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The server's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The key as PEM text, for loaders that parse it themselves (DTLS).
+    pub key_pem: Vec<u8>,
+}
+
+impl TlsMaterial {
+    /// Reads and parses the configured files or environment values.
+    pub fn load(config: &TlsConfig) -> anyhow::Result<Self> {
+        let ca_pem = read_pem(&config.ca, "tls.ca")?;
+        let cert_pem = read_pem(&config.cert, "tls.cert")?;
+        let key_pem = read_pem(&config.key, "tls.key")?;
+        let ca = parse_certs(&ca_pem).with_context(|| format!("tls.ca ({})", config.ca))?;
+        let chain =
+            parse_certs(&cert_pem).with_context(|| format!("tls.cert ({})", config.cert))?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| anyhow!("tls.key ({}): no usable private key: {e}", config.key))?;
+        Ok(Self {
+            ca,
+            chain,
+            key,
+            key_pem,
+        })
+    }
+
+    /// The rustls server configuration of the TLS port.
+    pub fn server_config(
+        &self,
+        require_client_cert: bool,
+    ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        let provider = provider();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .context("selecting TLS versions")?;
+        let mut roots = RootCertStore::empty();
+        for cert in &self.ca {
+            roots
+                .add(cert.clone())
+                .context("tls.ca: not a usable CA certificate")?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+        let verifier = if require_client_cert {
+            verifier.build()
+        } else {
+            verifier.allow_unauthenticated().build()
+        }
+        .context("building the client certificate verifier")?;
+        let mut config = builder
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .context("tls.cert and tls.key do not form a usable pair")?;
+        config.alpn_protocols = Alpn::SERVER_OFFER.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+}
+
+/// Reads one PEM source; the error names the key and where it was looked for.
+pub fn read_pem(source: &PemSource, key: &str) -> anyhow::Result<Vec<u8>> {
+    match source {
+        PemSource::File(path) => {
+            std::fs::read(path).with_context(|| format!("{key}: reading {}", path.display()))
+        }
+        PemSource::Env { pem, .. } => Ok(pem.clone()),
+    }
+}
+
+/// Every `CERTIFICATE` block of a PEM text; an error when there is none.
+pub fn parse_certs(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("bad PEM: {e}"))?;
+    if certs.is_empty() {
+        bail!("no CERTIFICATE block found");
+    }
+    Ok(certs)
+}
+
+/// The subject of a peer's certificate in RFC 4514 form, for logs.
+pub fn subject(cert: &CertificateDer<'_>) -> String {
+    match x509_parser::parse_x509_certificate(cert.as_ref()) {
+        Ok((_, parsed)) => parsed.subject().to_string(),
+        Err(_) => "<unparsable certificate>".to_owned(),
+    }
+}
