@@ -82,6 +82,14 @@ impl ClientTls {
         Ok(tls)
     }
 
+    /// A TLS connection negotiating the stream ALPN, nothing written yet.
+    pub async fn connect_stream(
+        &self,
+        server: impl ToSocketAddrs,
+    ) -> io::Result<TlsStream<TcpStream>> {
+        self.connect(server, &self.stream).await
+    }
+
     /// A TLS connection for the HTTP API (ALPN `http/1.1`).
     pub async fn connect_http(
         &self,

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::http_api::AgentInfo;
+use crate::stats::Stats;
 use crate::tcp_listener::{self, Shared};
 use crate::tls::TlsMaterial;
 use crate::tunnel::Timeouts;
@@ -41,6 +42,7 @@ impl Daemon {
                 header: config.stream.header_timeout,
                 dial: config.stream.dial_timeout,
             },
+            stats: Arc::new(Stats::default()),
         });
         Ok(Self {
             config: Arc::new(config),
@@ -52,6 +54,11 @@ impl Daemon {
     /// The bound TLS address (tests bind port 0 and read it here).
     pub fn tcp_addr(&self) -> SocketAddr {
         self.tcp.local_addr().unwrap_or(self.config.listen.tcp)
+    }
+
+    /// The counters, shared with the running daemon.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.shared.stats.clone()
     }
 
     /// Serves until `shutdown` fires; then stops accepting, gives open tunnels

@@ -18,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod http_api;
+pub mod stats;
 pub mod tcp_listener;
 pub mod tls;
 pub mod tunnel;

@@ -13,6 +13,7 @@ use tracing::{Instrument as _, debug, field, info, info_span, warn};
 
 use crate::alpn::Alpn;
 use crate::http_api::{self, AgentInfo};
+use crate::stats::Stats;
 use crate::tunnel::{self, Timeouts};
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
@@ -28,6 +29,8 @@ pub struct Shared {
     pub handshake_timeout: Duration,
     /// Tunnel timeouts.
     pub timeouts: Timeouts,
+    /// Counters.
+    pub stats: Arc<Stats>,
 }
 
 /// Accepts until `shutdown` fires. Each connection runs in its own task on `tasks`; a tunnel
@@ -87,12 +90,17 @@ async fn serve_connection(
         () = hard_stop.cancelled() => return,
     };
     let tls = match handshake {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            Stats::bump(&shared.stats.tls_handshakes);
+            tls
+        }
         Ok(Err(err)) => {
+            Stats::bump(&shared.stats.tls_handshake_failures);
             warn!("TLS handshake failed: {err}");
             return;
         }
         Err(_) => {
+            Stats::bump(&shared.stats.tls_handshake_failures);
             warn!(timeout = ?shared.handshake_timeout, "TLS handshake timed out");
             return;
         }
@@ -109,7 +117,7 @@ async fn serve_connection(
 
     match alpn {
         Alpn::Stream => {
-            let report = tunnel::serve(tls, shared.timeouts, &hard_stop).await;
+            let report = tunnel::serve(tls, shared.timeouts, &shared.stats, &hard_stop).await;
             let destination = report
                 .destination
                 .as_ref()

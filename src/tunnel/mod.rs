@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
+use crate::stats::Stats;
+
 pub use self::header::Destination;
 use self::header::{DestinationError, HEADER_LEN, HeaderError, Host, TunnelHeader};
 
@@ -95,7 +97,12 @@ pub struct Report {
 
 /// Serves one stream tunnel on an established (TLS) connection. `stop` ends the relay at once:
 /// the daemon cancels it when the shutdown grace period is over.
-pub async fn serve<S>(mut client: S, timeouts: Timeouts, stop: &CancellationToken) -> Report
+pub async fn serve<S>(
+    mut client: S,
+    timeouts: Timeouts,
+    stats: &Stats,
+    stop: &CancellationToken,
+) -> Report
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -108,7 +115,7 @@ where
         duration: Duration::ZERO,
         end: End::Eof,
     };
-    report.end = run(&mut client, timeouts, stop, &mut report).await;
+    report.end = run(&mut client, timeouts, stats, stop, &mut report).await;
     report.duration = started.elapsed();
     report
 }
@@ -116,6 +123,7 @@ where
 async fn run<S>(
     client: &mut S,
     timeouts: Timeouts,
+    stats: &Stats,
     stop: &CancellationToken,
     report: &mut Report,
 ) -> End
@@ -145,6 +153,7 @@ where
     };
     report.destination = Some(destination.clone());
 
+    Stats::bump(&stats.dials);
     let dial = tokio::select! {
         r = timeout(timeouts.dial, dial(&destination)) => r,
         () = stop.cancelled() => return End::Shutdown,
@@ -155,6 +164,7 @@ where
         Ok(Ok(s)) => s,
     };
     report.local = upstream.local_addr().ok();
+    Stats::bump(&stats.tcp_tunnels);
     tune(&upstream);
 
     let mut client = Counted::new(client);

@@ -1,0 +1,251 @@
+//! Shared test fixtures: per-test PKI, an in-process daemon on 127.0.0.1:0, echo peers, vectors.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use godoxy_agent::certs::CertSet;
+use godoxy_agent::client::ClientTls;
+use godoxy_agent::stats::Stats;
+use godoxy_agent::{Config, Daemon};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A fresh CA, server and client set written to a temporary folder.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    pub set: CertSet,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let set = CertSet::generate().unwrap();
+        set.write(dir.path(), false).unwrap();
+        Self { dir, set }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Trusts the CA and presents the client certificate.
+    pub fn client(&self) -> ClientTls {
+        ClientTls::from_pem(
+            self.set.ca_cert.as_bytes(),
+            Some((
+                self.set.client_cert.as_bytes(),
+                self.set.client_key.as_bytes(),
+            )),
+        )
+        .unwrap()
+    }
+
+    /// Trusts the CA, presents no certificate.
+    pub fn client_without_cert(&self) -> ClientTls {
+        ClientTls::from_pem(self.set.ca_cert.as_bytes(), None).unwrap()
+    }
+
+    /// Trusts this CA but presents a client certificate from `other`'s CA.
+    pub fn client_with_cert_of(&self, other: &TestPki) -> ClientTls {
+        ClientTls::from_pem(
+            self.set.ca_cert.as_bytes(),
+            Some((
+                other.set.client_cert.as_bytes(),
+                other.set.client_key.as_bytes(),
+            )),
+        )
+        .unwrap()
+    }
+}
+
+/// The daemon running in this process on ephemeral ports.
+pub struct TestDaemon {
+    pub addr: SocketAddr,
+    pub stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestDaemon {
+    /// A config text for `pki` listening on 127.0.0.1:0; `stream` lines go under `[stream]`.
+    pub fn config_text(pki: &TestPki, stream: &str) -> String {
+        format!(
+            "name = \"test-agent\"\n\
+             [listen]\ntcp = \"127.0.0.1:0\"\nudp = \"\"\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             [stream]\n{stream}\n",
+            pki.path("ca.pem").display(),
+            pki.path("server.pem").display(),
+            pki.path("server.key").display(),
+        )
+    }
+
+    pub async fn start(pki: &TestPki) -> Self {
+        Self::start_with(pki, "").await
+    }
+
+    pub async fn start_with(pki: &TestPki, stream: &str) -> Self {
+        let text = Self::config_text(pki, stream);
+        let config = Config::from_toml(&text, None, |_| None).unwrap();
+        Self::start_config(config).await
+    }
+
+    pub async fn start_config(config: Config) -> Self {
+        let daemon = Daemon::bind(config).await.unwrap();
+        let addr = daemon.tcp_addr();
+        let stats = daemon.stats();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(daemon.run(shutdown.clone()));
+        Self {
+            addr,
+            stats,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn dials(&self) -> u64 {
+        Stats::get(&self.stats.dials)
+    }
+
+    /// Cancels and asserts that `run` returns Ok within 5 s.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("daemon did not stop within 5 s")
+            .expect("daemon task panicked");
+        result.expect("daemon returned an error");
+    }
+}
+
+/// A TCP echo server that counts the connections it accepted. It echoes until EOF, then
+/// half-closes its write side (so a client's shutdown gets the whole reply, then EOF).
+pub struct TcpEcho {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl TcpEcho {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Self { addr, accepted }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// A UDP echo that counts datagrams received.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    pub received: Arc<AtomicUsize>,
+}
+
+impl UdpEcho {
+    pub async fn start() -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let count = received.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = socket.send_to(&buf[..n], peer).await;
+            }
+        });
+        Self { addr, received }
+    }
+
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::SeqCst)
+    }
+}
+
+/// One entry of tests/data/vectors.json.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Vector {
+    pub name: String,
+    pub hex: String,
+    pub host: Option<String>,
+    pub port: Option<String>,
+    pub flag: Option<u8>,
+    pub probe: Option<bool>,
+    pub why: Option<String>,
+}
+
+impl Vector {
+    pub fn bytes(&self) -> Vec<u8> {
+        hex(&self.hex)
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Vectors {
+    pub header_size: usize,
+    pub version: String,
+    pub valid: Vec<Vector>,
+    pub invalid: Vec<Vector>,
+    pub rejected_destination: Vec<Vector>,
+}
+
+pub fn vectors_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vectors.json")
+}
+
+pub fn vectors() -> Vectors {
+    serde_json::from_slice(&std::fs::read(vectors_path()).unwrap()).unwrap()
+}
+
+pub fn hex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Reads until EOF or error, returning what arrived and whether it ended in a clean EOF.
+pub async fn read_to_end_or_err<R: AsyncReadExt + Unpin>(r: &mut R) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let clean = r.read_to_end(&mut out).await.is_ok();
+    (out, clean)
+}
+
+/// Path of the built binary, for tests that run the command.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_godoxy-agent")
+}

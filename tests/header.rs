@@ -1,0 +1,106 @@
+//! The header codec against every entry of the shared test vectors.
+
+mod common;
+
+use godoxy_agent::tunnel::header::{HEADER_LEN, HeaderError, TunnelHeader, VERSION};
+
+#[test]
+fn vectors_copy_matches_shared_when_present() {
+    let shared =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/protocol/vectors.json");
+    match std::fs::read(&shared) {
+        Ok(upstream) => assert_eq!(
+            std::fs::read(common::vectors_path()).unwrap(),
+            upstream,
+            "tests/data/vectors.json differs from ../shared/protocol/vectors.json: copy it again"
+        ),
+        Err(_) => eprintln!("../shared absent: using the repository's copy of the vectors"),
+    }
+}
+
+#[test]
+fn vector_file_agrees_with_constants() {
+    let v = common::vectors();
+    assert_eq!(v.header_size, HEADER_LEN);
+    assert_eq!(common::hex(&v.version), VERSION);
+}
+
+#[test]
+fn valid_vectors_decode_and_round_trip() {
+    let v = common::vectors();
+    assert!(!v.valid.is_empty());
+    for vector in &v.valid {
+        let bytes: [u8; HEADER_LEN] = vector.bytes().try_into().unwrap();
+        let header = TunnelHeader::decode(&bytes)
+            .unwrap_or_else(|e| panic!("{}: refused: {e}", vector.name));
+        assert_eq!(
+            header.host_bytes(),
+            vector.host.as_deref().unwrap().as_bytes(),
+            "{}",
+            vector.name
+        );
+        assert_eq!(
+            header.port_bytes(),
+            vector.port.as_deref().unwrap().as_bytes(),
+            "{}",
+            vector.name
+        );
+        assert_eq!(header.flag(), vector.flag.unwrap(), "{}", vector.name);
+        assert_eq!(header.is_probe(), vector.probe.unwrap(), "{}", vector.name);
+        assert_eq!(header.encode(), bytes, "{}: encode differs", vector.name);
+        // Built from its fields, the header encodes to the same bytes.
+        let built = TunnelHeader::new(
+            vector.host.as_deref().unwrap(),
+            vector.port.as_deref().unwrap(),
+            vector.flag.unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            built.encode(),
+            bytes,
+            "{}: built header differs",
+            vector.name
+        );
+        if !header.is_probe() {
+            let dest = header
+                .destination()
+                .unwrap_or_else(|e| panic!("{}: destination refused: {e}", vector.name));
+            assert_eq!(
+                dest.port.to_string(),
+                vector.port.as_deref().unwrap(),
+                "{}",
+                vector.name
+            );
+        }
+    }
+}
+
+#[test]
+fn invalid_vectors_are_refused_with_their_reason() {
+    let v = common::vectors();
+    assert!(!v.invalid.is_empty());
+    for vector in &v.invalid {
+        let bytes = vector.bytes();
+        let got = TunnelHeader::decode_slice(&bytes);
+        let why = vector.why.as_deref().unwrap();
+        let err = got.expect_err(&vector.name);
+        assert_eq!(err.check(), why, "{}: refused as {err:?}", vector.name);
+        if why == "short" {
+            assert_eq!(err, HeaderError::Short);
+        }
+    }
+}
+
+#[test]
+fn rejected_destination_vectors_decode_but_are_refused() {
+    let v = common::vectors();
+    assert!(!v.rejected_destination.is_empty());
+    for vector in &v.rejected_destination {
+        let bytes: [u8; HEADER_LEN] = vector.bytes().try_into().unwrap();
+        let header = TunnelHeader::decode(&bytes)
+            .unwrap_or_else(|e| panic!("{}: should pass the wire checks: {e}", vector.name));
+        assert!(!header.is_probe(), "{}", vector.name);
+        let err = header.destination().expect_err(&vector.name);
+        eprintln!("{}: {err}", vector.name);
+    }
+}
