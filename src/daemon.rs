@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::dtls::{self, UdpLimits, UdpShared};
 use crate::http_api::AgentInfo;
 use crate::stats::Stats;
 use crate::tcp_listener::{self, Shared};
@@ -23,6 +24,7 @@ pub struct Daemon {
     config: Arc<Config>,
     tcp: TcpListener,
     shared: Arc<Shared>,
+    udp: Option<(Arc<UdpSocket>, Arc<UdpShared>)>,
 }
 
 impl Daemon {
@@ -34,6 +36,38 @@ impl Daemon {
         let tcp = TcpListener::bind(config.listen.tcp)
             .await
             .with_context(|| format!("listen.tcp: binding {}", config.listen.tcp))?;
+        let stats = Arc::new(Stats::default());
+        let udp = match config.listen.udp {
+            Some(addr) => {
+                let dtls = dtls::server_config(&material, config.tls.require_client_cert)
+                    .context("tls.key/tls.cert for DTLS")?;
+                let (socket, granted) =
+                    dtls::bind(addr).with_context(|| format!("listen.udp: binding {addr}"))?;
+                if granted < dtls::SOCKET_RCVBUF {
+                    warn!(
+                        granted,
+                        wanted = dtls::SOCKET_RCVBUF,
+                        "UDP receive buffer is smaller than wanted; bursts may drop datagrams \
+                         (raise net.core.rmem_max)"
+                    );
+                }
+                let limits = UdpLimits {
+                    handshake_timeout: config.stream.handshake_timeout,
+                    header_timeout: config.stream.header_timeout,
+                    dial_timeout: config.stream.dial_timeout,
+                    idle_timeout: config.stream.udp_idle_timeout,
+                    max_sessions: config.stream.max_udp_sessions.get(),
+                    max_handshakes: config.stream.max_udp_handshakes.get(),
+                };
+                let shared = UdpShared {
+                    dtls,
+                    limits,
+                    stats: stats.clone(),
+                };
+                Some((Arc::new(socket), Arc::new(shared)))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             acceptor: TlsAcceptor::from(server_config),
             info: Arc::new(AgentInfo::new(&config)),
@@ -42,18 +76,24 @@ impl Daemon {
                 header: config.stream.header_timeout,
                 dial: config.stream.dial_timeout,
             },
-            stats: Arc::new(Stats::default()),
+            stats,
         });
         Ok(Self {
             config: Arc::new(config),
             tcp,
             shared,
+            udp,
         })
     }
 
     /// The bound TLS address (tests bind port 0 and read it here).
     pub fn tcp_addr(&self) -> SocketAddr {
         self.tcp.local_addr().unwrap_or(self.config.listen.tcp)
+    }
+
+    /// The bound DTLS address, when UDP is enabled.
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp.as_ref().and_then(|(s, _)| s.local_addr().ok())
     }
 
     /// The counters, shared with the running daemon.
@@ -67,8 +107,19 @@ impl Daemon {
         let tasks = TaskTracker::new();
         let hard_stop = CancellationToken::new();
         let limit = Arc::new(Semaphore::new(self.config.stream.max_connections.get()));
+        let udp_addr = self.udp_addr();
+        let demux = self.udp.clone().map(|(socket, shared)| {
+            tokio::spawn(dtls::run(
+                socket,
+                shared,
+                tasks.clone(),
+                shutdown.clone(),
+                hard_stop.clone(),
+            ))
+        });
         info!(
             tcp = %self.tcp_addr(),
+            udp = %udp_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
             name = %self.config.name,
             version = env!("CARGO_PKG_VERSION"),
             "agent listening"
@@ -96,6 +147,11 @@ impl Daemon {
             );
             hard_stop.cancel();
             tasks.wait().await;
+        }
+        // Every session has ended; the demultiplexer goes with the last of them.
+        hard_stop.cancel();
+        if let Some(demux) = demux {
+            let _ = demux.await;
         }
         info!("shutdown complete");
         Ok(())

@@ -17,6 +17,7 @@ pub mod certs;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod dtls;
 pub mod http_api;
 pub mod stats;
 pub mod tcp_listener;

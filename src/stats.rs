@@ -13,12 +13,35 @@ pub struct Stats {
     pub dials: AtomicU64,
     /// TCP tunnels that reached the relay.
     pub tcp_tunnels: AtomicU64,
+    /// Gauge: peers in the DTLS demultiplexer's table (handshaking or in session).
+    pub udp_table: AtomicU64,
+    /// Gauge: UDP sessions past the handshake.
+    pub udp_sessions: AtomicU64,
+    /// DTLS handshakes completed.
+    pub udp_handshakes: AtomicU64,
+    /// DTLS handshakes that failed or timed out.
+    pub udp_handshake_failures: AtomicU64,
+    /// ClientHellos dropped because max_udp_handshakes were in flight.
+    pub udp_shed_handshakes: AtomicU64,
+    /// ClientHellos refused because max_udp_sessions were open.
+    pub udp_refused_sessions: AtomicU64,
+    /// Datagrams from unknown peers that were not a ClientHello.
+    pub udp_unsolicited: AtomicU64,
+    /// Datagrams dropped because a peer's queue was full.
+    pub udp_queue_drops: AtomicU64,
+    /// Datagrams from destinations too large for one DTLS record (> 8155 bytes), dropped.
+    pub udp_oversize_drops: AtomicU64,
 }
 
 impl Stats {
     /// Adds one to `counter`.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
     }
 
     /// Reads `counter`.

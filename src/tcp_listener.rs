@@ -87,7 +87,8 @@ async fn serve_connection(
     tunnel::tune(&tcp);
     let handshake = tokio::select! {
         r = timeout(shared.handshake_timeout, shared.acceptor.accept(tcp)) => r,
-        () = hard_stop.cancelled() => return,
+        // Not a tunnel yet: no grace period.
+        () = shutdown.cancelled() => return,
     };
     let tls = match handshake {
         Ok(Ok(tls)) => {
@@ -117,7 +118,8 @@ async fn serve_connection(
 
     match alpn {
         Alpn::Stream => {
-            let report = tunnel::serve(tls, shared.timeouts, &shared.stats, &hard_stop).await;
+            let report =
+                tunnel::serve(tls, shared.timeouts, &shared.stats, &shutdown, &hard_stop).await;
             let destination = report
                 .destination
                 .as_ref()

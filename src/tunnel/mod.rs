@@ -95,12 +95,14 @@ pub struct Report {
     pub end: End,
 }
 
-/// Serves one stream tunnel on an established (TLS) connection. `stop` ends the relay at once:
-/// the daemon cancels it when the shutdown grace period is over.
+/// Serves one stream tunnel on an established (TLS) connection. `shutdown` ends it while it
+/// is still waiting for its header or dialing; `stop` ends the relay at once (the daemon
+/// cancels it when the shutdown grace period is over).
 pub async fn serve<S>(
     mut client: S,
     timeouts: Timeouts,
     stats: &Stats,
+    shutdown: &CancellationToken,
     stop: &CancellationToken,
 ) -> Report
 where
@@ -115,7 +117,7 @@ where
         duration: Duration::ZERO,
         end: End::Eof,
     };
-    report.end = run(&mut client, timeouts, stats, stop, &mut report).await;
+    report.end = run(&mut client, timeouts, stats, shutdown, stop, &mut report).await;
     report.duration = started.elapsed();
     report
 }
@@ -124,6 +126,7 @@ async fn run<S>(
     client: &mut S,
     timeouts: Timeouts,
     stats: &Stats,
+    shutdown: &CancellationToken,
     stop: &CancellationToken,
     report: &mut Report,
 ) -> End
@@ -132,7 +135,11 @@ where
 {
     // Read exactly the header: no buffering, so payload sent behind it stays in the stream.
     let mut bytes = [0u8; HEADER_LEN];
-    match timeout(timeouts.header, client.read_exact(&mut bytes)).await {
+    let read = tokio::select! {
+        r = timeout(timeouts.header, client.read_exact(&mut bytes)) => r,
+        () = shutdown.cancelled() => return End::Shutdown,
+    };
+    match read {
         Err(_) => return End::HeaderTimeout,
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
             return End::InvalidHeader(HeaderError::Short);
@@ -156,7 +163,7 @@ where
     Stats::bump(&stats.dials);
     let dial = tokio::select! {
         r = timeout(timeouts.dial, dial(&destination)) => r,
-        () = stop.cancelled() => return End::Shutdown,
+        () = shutdown.cancelled() => return End::Shutdown,
     };
     let mut upstream = match dial {
         Err(_) => return End::DialTimeout,

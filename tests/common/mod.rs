@@ -67,6 +67,8 @@ impl TestPki {
 /// The daemon running in this process on ephemeral ports.
 pub struct TestDaemon {
     pub addr: SocketAddr,
+    /// The DTLS address when started with UDP.
+    pub udp: Option<SocketAddr>,
     pub stats: Arc<Stats>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -75,9 +77,14 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// A config text for `pki` listening on 127.0.0.1:0; `stream` lines go under `[stream]`.
     pub fn config_text(pki: &TestPki, stream: &str) -> String {
+        Self::config_text_with_udp(pki, "", stream)
+    }
+
+    /// As `config_text`, with `udp` as `listen.udp` ("" disables).
+    pub fn config_text_with_udp(pki: &TestPki, udp: &str, stream: &str) -> String {
         format!(
             "name = \"test-agent\"\n\
-             [listen]\ntcp = \"127.0.0.1:0\"\nudp = \"\"\n\
+             [listen]\ntcp = \"127.0.0.1:0\"\nudp = \"{udp}\"\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
              [stream]\n{stream}\n",
             pki.path("ca.pem").display(),
@@ -96,18 +103,31 @@ impl TestDaemon {
         Self::start_config(config).await
     }
 
+    /// With the DTLS listener on 127.0.0.1:0.
+    pub async fn start_udp(pki: &TestPki, stream: &str) -> Self {
+        let text = Self::config_text_with_udp(pki, "127.0.0.1:0", stream);
+        let config = Config::from_toml(&text, None, |_| None).unwrap();
+        Self::start_config(config).await
+    }
+
     pub async fn start_config(config: Config) -> Self {
         let daemon = Daemon::bind(config).await.unwrap();
         let addr = daemon.tcp_addr();
+        let udp = daemon.udp_addr();
         let stats = daemon.stats();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(daemon.run(shutdown.clone()));
         Self {
             addr,
+            udp,
             stats,
             shutdown,
             task,
         }
+    }
+
+    pub fn stat(&self, pick: impl Fn(&Stats) -> &std::sync::atomic::AtomicU64) -> u64 {
+        Stats::get(pick(&self.stats))
     }
 
     pub fn dials(&self) -> u64 {

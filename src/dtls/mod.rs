@@ -1,0 +1,274 @@
+//! The UDP side: owns the DTLS socket, demultiplexes datagrams per peer, one session task each.
+//!
+//! webrtc-dtls's own listeners are not used: its `listener` runs every handshake inside
+//! `accept()` with no timeout (one silent ClientHello stalls everyone), and webrtc-util's
+//! `conn_udp_listener` never forgets a closed peer. Here a table keyed by peer address gives each
+//! peer a bounded queue; only a ClientHello may open an entry; the entry leaves the table when
+//! its session ends; handshakes run in their own tasks under a timeout and a cap.
+
+mod peer;
+pub mod session;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use bytes::Bytes;
+use p256::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
+use rustls::RootCertStore;
+use rustls_pki_types::PrivateKeyDer;
+use tokio::net::UdpSocket;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument as _, debug, field, info_span, warn};
+use webrtc_dtls::cipher_suite::CipherSuiteId;
+use webrtc_dtls::config::{ClientAuthType, Config as DtlsConfig, ExtendedMasterSecretType};
+use webrtc_dtls::crypto::{Certificate, CryptoPrivateKey};
+
+use self::peer::PeerConn;
+use crate::stats::Stats;
+use crate::tls::TlsMaterial;
+
+/// Receive buffer asked of the kernel for the DTLS socket (capped by net.core.rmem_max).
+pub const SOCKET_RCVBUF: usize = 4 << 20;
+/// Datagrams queued per peer before the demultiplexer drops (and counts) more.
+const PEER_QUEUE: usize = 128;
+/// Largest datagram the socket reads.
+const MAX_DATAGRAM: usize = 65_535;
+/// DTLS record content type of handshake messages, and the ClientHello message type.
+const CONTENT_HANDSHAKE: u8 = 22;
+const HANDSHAKE_CLIENT_HELLO: u8 = 1;
+/// Offset of the handshake message type in a DTLS record (after the 13-byte record header).
+const RECORD_HEADER_LEN: usize = 13;
+
+/// The one cipher suite the GoDoxy server (pion/dtls) uses.
+pub const CIPHER_SUITE: CipherSuiteId = CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256;
+
+/// Limits and timeouts of the UDP side.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpLimits {
+    /// DTLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Deadline for the header record after the handshake.
+    pub header_timeout: Duration,
+    /// Resolving the destination.
+    pub dial_timeout: Duration,
+    /// No datagram either way for this long ends a session.
+    pub idle_timeout: Duration,
+    /// Table entries (handshaking or established) at most.
+    pub max_sessions: usize,
+    /// Handshakes in flight at most.
+    pub max_handshakes: usize,
+}
+
+/// What every session task needs.
+pub struct UdpShared {
+    /// The server's DTLS configuration.
+    pub dtls: DtlsConfig,
+    /// Limits.
+    pub limits: UdpLimits,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+/// The DTLS server configuration: the TLS port's certificate and CA, one cipher suite,
+/// Extended Master Secret required, client certificates required unless turned off.
+pub fn server_config(
+    material: &TlsMaterial,
+    require_client_cert: bool,
+) -> anyhow::Result<DtlsConfig> {
+    let mut client_cas = RootCertStore::empty();
+    for cert in &material.ca {
+        client_cas
+            .add(cert.clone())
+            .context("tls.ca: not a usable CA certificate")?;
+    }
+    Ok(DtlsConfig {
+        certificates: vec![certificate(material.chain.clone(), &material.key)?],
+        cipher_suites: vec![CIPHER_SUITE],
+        extended_master_secret: ExtendedMasterSecretType::Require,
+        client_auth: if require_client_cert {
+            ClientAuthType::RequireAndVerifyClientCert
+        } else {
+            ClientAuthType::VerifyClientCertIfGiven
+        },
+        client_cas,
+        ..Default::default()
+    })
+}
+
+/// A webrtc-dtls certificate from a chain and a P-256 key in any PEM form rustls reads.
+/// webrtc-dtls loads PKCS#8 only; GoDoxy writes SEC1: convert.
+pub fn certificate(
+    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    key: &PrivateKeyDer<'_>,
+) -> anyhow::Result<Certificate> {
+    let secret = match key {
+        PrivateKeyDer::Sec1(der) => p256::SecretKey::from_sec1_der(der.secret_sec1_der())
+            .map_err(|e| anyhow!("SEC1 key is not a P-256 key: {e}"))?,
+        PrivateKeyDer::Pkcs8(der) => p256::SecretKey::from_pkcs8_der(der.secret_pkcs8_der())
+            .map_err(|e| anyhow!("PKCS#8 key is not a P-256 key: {e}"))?,
+        _ => {
+            return Err(anyhow!(
+                "UDP (DTLS) needs an ECDSA P-256 key, found another kind"
+            ));
+        }
+    };
+    let pkcs8 = secret
+        .to_pkcs8_der()
+        .map_err(|e| anyhow!("re-encoding the key as PKCS#8: {e}"))?;
+    let pair = rcgen::KeyPair::try_from(pkcs8.as_bytes()).context("loading the P-256 key")?;
+    let private_key =
+        CryptoPrivateKey::from_key_pair(&pair).map_err(|e| anyhow!("DTLS key: {e}"))?;
+    Ok(Certificate {
+        certificate: chain,
+        private_key,
+    })
+}
+
+/// Binds the DTLS socket with a large receive buffer. Returns the socket and the buffer size
+/// the kernel granted.
+pub fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(SOCKET_RCVBUF);
+    let granted = socket.recv_buffer_size().unwrap_or(0);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    let socket = UdpSocket::from_std(socket.into())?;
+    Ok((socket, granted))
+}
+
+/// Whether a datagram starts with a DTLS handshake record carrying a ClientHello: the only
+/// thing that may create state for an unknown peer.
+fn is_client_hello(datagram: &[u8]) -> bool {
+    datagram.first() == Some(&CONTENT_HANDSHAKE)
+        && datagram.get(RECORD_HEADER_LEN) == Some(&HANDSHAKE_CLIENT_HELLO)
+}
+
+struct Entry {
+    id: u64,
+    tx: mpsc::Sender<Bytes>,
+}
+
+/// The demultiplexer. Runs until `hard_stop`, or until `shutdown` once the last session ended
+/// (sessions keep receiving through it during the grace period).
+pub async fn run(
+    socket: Arc<UdpSocket>,
+    shared: Arc<UdpShared>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    let stats = shared.stats.clone();
+    let handshakes = Arc::new(Semaphore::new(shared.limits.max_handshakes));
+    let mut peers: HashMap<SocketAddr, Entry> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
+    let mut next_id = 0u64;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut accepting = true;
+    loop {
+        if !accepting && peers.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            () = hard_stop.cancelled() => break,
+            () = shutdown.cancelled(), if accepting => {
+                accepting = false;
+                continue;
+            }
+            Some((peer, id)) = done_rx.recv() => {
+                // The peer may already have a newer entry: remove only the one that ended.
+                if peers.get(&peer).is_some_and(|e| e.id == id) {
+                    peers.remove(&peer);
+                    Stats::set(&stats.udp_table, peers.len() as u64);
+                }
+            }
+            received = socket.recv_from(&mut buf) => {
+                let (n, peer) = match received {
+                    Ok(r) => r,
+                    Err(err) => {
+                        // ICMP errors surface here on some systems; never fatal.
+                        debug!(%err, "udp receive failed");
+                        sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                };
+                let datagram = &buf[..n];
+                if let Some(entry) = peers.get(&peer) {
+                    match entry.tx.try_send(Bytes::copy_from_slice(datagram)) {
+                        Ok(()) => continue,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            Stats::bump(&stats.udp_queue_drops);
+                            continue;
+                        }
+                        // The session ended and its removal is still in flight: a ClientHello
+                        // from the same address starts afresh below.
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            peers.remove(&peer);
+                        }
+                    }
+                }
+                if !accepting || !is_client_hello(datagram) {
+                    Stats::bump(&stats.udp_unsolicited);
+                    continue;
+                }
+                if peers.len() >= shared.limits.max_sessions {
+                    Stats::bump(&stats.udp_refused_sessions);
+                    warn!(%peer, max = shared.limits.max_sessions, "UDP session refused: max_udp_sessions reached");
+                    continue;
+                }
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    Stats::bump(&stats.udp_shed_handshakes);
+                    debug!(%peer, "DTLS handshake shed: max_udp_handshakes in flight");
+                    continue;
+                };
+                next_id += 1;
+                let (tx, rx) = mpsc::channel(PEER_QUEUE);
+                if tx.try_send(Bytes::copy_from_slice(datagram)).is_err() {
+                    continue; // a fresh queue has room: unreachable
+                }
+                peers.insert(peer, Entry { id: next_id, tx });
+                Stats::set(&stats.udp_table, peers.len() as u64);
+                let conn = Arc::new(PeerConn::new(socket.clone(), peer, rx));
+                let id = next_id;
+                let done = done_tx.clone();
+                let shared = shared.clone();
+                let soft = shutdown.clone();
+                let stop = hard_stop.clone();
+                let span = info_span!("udp", %peer, subject = field::Empty);
+                tasks.spawn(
+                    async move {
+                        session::run(conn, shared, permit, soft, stop).await;
+                        let _ = done.send((peer, id));
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_client_hello_opens_an_entry() {
+        let mut hello = [0u8; 25];
+        hello[0] = 22;
+        hello[13] = 1;
+        assert!(is_client_hello(&hello));
+        hello[13] = 2;
+        assert!(!is_client_hello(&hello));
+        assert!(!is_client_hello(&[23; 40]));
+        assert!(!is_client_hello(&[22; 5]));
+        assert!(!is_client_hello(&[]));
+    }
+}
