@@ -31,6 +31,9 @@ pub struct Config {
     /// Things the operator should know about how this configuration was put together.
     #[serde(skip)]
     pub warnings: Vec<String>,
+    /// Worth one info line: GoDoxy variables that were set but mean nothing here.
+    #[serde(skip)]
+    pub notices: Vec<String>,
 }
 
 /// Container runtime reported to the GoDoxy server.
@@ -322,6 +325,7 @@ impl Config {
             },
             stream: file.stream,
             warnings: Vec::new(),
+            notices: Vec::new(),
         };
         let mut errors = Vec::new();
         config.validate(&origin_name, &mut errors);
@@ -435,6 +439,25 @@ impl Config {
                 }),
             }
         }
+        let ignored: Vec<&str> = IGNORED_GODOXY_VARS
+            .iter()
+            .copied()
+            .filter(|name| env(name).is_some())
+            .collect();
+        if !ignored.is_empty() {
+            self.notices.push(format!(
+                "ignoring GoDoxy agent variables this agent does not use (it has no Docker \
+                 socket proxy): {}",
+                ignored.join(", ")
+            ));
+        }
+        if var("LISTEN_ADDR").is_some() {
+            self.warnings.push(
+                "LISTEN_ADDR is set, asking for GoDoxy's Docker socket proxy; this agent does \
+                 not provide one and listens only on the agent port"
+                    .to_owned(),
+            );
+        }
         if !self.tls.require_client_cert {
             self.warnings.push(
                 "client certificates are NOT required: anyone who can reach the TLS port can \
@@ -445,6 +468,41 @@ impl Config {
         }
     }
 }
+
+/// Variables GoDoxy's agent compose file may set that configure things this agent does not
+/// have (the Docker socket and its proxy): accepted, reported once, otherwise ignored.
+const IGNORED_GODOXY_VARS: &[&str] = &[
+    "DOCKER_SOCKET",
+    "DOCKER_HOST",
+    "LISTEN_ADDR",
+    "POST",
+    "ALLOW_RESTARTS",
+    "ALLOW_START",
+    "ALLOW_STOP",
+    "AUTH",
+    "BUILD",
+    "COMMIT",
+    "CONFIGS",
+    "CONTAINERS",
+    "DISTRIBUTION",
+    "EVENTS",
+    "EXEC",
+    "GRPC",
+    "IMAGES",
+    "INFO",
+    "NETWORKS",
+    "NODES",
+    "PING",
+    "PLUGINS",
+    "SECRETS",
+    "SERVICES",
+    "SESSION",
+    "SWARM",
+    "SYSTEM",
+    "TASKS",
+    "VERSION",
+    "VOLUMES",
+];
 
 /// Decodes GoDoxy's `base64(cert PEM);base64(key PEM)` form.
 fn decode_pem_pair(

@@ -109,6 +109,9 @@ fn run(explicit: Option<&Path>) -> ExitCode {
     for warning in &config.warnings {
         warn!("{warning}");
     }
+    for notice in &config.notices {
+        info!("{notice}");
+    }
     match certs::generate_if_missing(&config.tls) {
         Ok(Some(set)) => print_trial_help(&config, &set.dir),
         Ok(None) => {}
@@ -131,6 +134,7 @@ fn run(explicit: Option<&Path>) -> ExitCode {
         let daemon = Daemon::bind(config).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_signals(shutdown.clone()));
+        notify_systemd(&daemon);
         daemon.run(shutdown).await
     });
     match result {
@@ -156,7 +160,36 @@ async fn watch_signals(shutdown: CancellationToken) {
         _ = int.recv() => "SIGINT",
     };
     info!(signal = name, "shutdown requested");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
+}
+
+/// Tells systemd (Type=notify) that both listeners are bound, and keeps its watchdog fed from
+/// the runtime itself: a wedged runtime stops the pings and systemd restarts the agent.
+/// Outside systemd (no NOTIFY_SOCKET) these calls do nothing.
+fn notify_systemd(daemon: &Daemon) {
+    let status = format!(
+        "listening on {} (tcp), {} (udp)",
+        daemon.tcp_addr(),
+        daemon
+            .udp_addr()
+            .map_or_else(|| "disabled".to_owned(), |a| a.to_string())
+    );
+    if let Err(err) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]) {
+        warn!("telling systemd we are ready: {err}");
+    }
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
 }
 
 fn print_trial_help(config: &Config, dir: &Path) {
