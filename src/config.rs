@@ -328,8 +328,9 @@ impl Config {
             notices: Vec::new(),
         };
         let mut errors = Vec::new();
-        config.validate(&origin_name, &mut errors);
+        // The environment wins over the file: check what results from both.
         config.apply_env(&env, &mut errors);
+        config.validate(&origin_name, &mut errors);
         if errors.is_empty() {
             Ok(config)
         } else {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -69,7 +68,12 @@ impl Daemon {
             None => None,
         };
         let shared = Arc::new(Shared {
-            acceptor: TlsAcceptor::from(server_config),
+            tls_no_alpn: {
+                let mut plain = (*server_config).clone();
+                plain.alpn_protocols.clear();
+                Arc::new(plain)
+            },
+            tls: server_config,
             info: Arc::new(AgentInfo::new(&config)),
             handshake_timeout: config.stream.handshake_timeout,
             timeouts: Timeouts {

@@ -94,7 +94,7 @@ fn load_config(explicit: Option<&Path>) -> Result<Config, ExitCode> {
         Err(errors) => {
             eprintln!("godoxy-agent: invalid configuration:");
             for err in &errors.0 {
-                eprintln!("  {err}");
+                eprintln!("  {}", err.to_string().replace('\n', "\n  "));
             }
             Err(ExitCode::FAILURE)
         }
@@ -254,6 +254,9 @@ fn check_config(explicit: Option<&Path>) -> ExitCode {
     match toml::to_string_pretty(&config) {
         Ok(text) => {
             println!("# effective configuration (file, then environment overrides)");
+            println!(
+                "# \"<from $VAR, elided>\" marks certificates and keys taken from the environment"
+            );
             print!("{text}");
             if will_generate {
                 println!(

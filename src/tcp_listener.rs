@@ -3,10 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep, timeout};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, field, info, info_span, warn};
@@ -16,13 +18,18 @@ use crate::http_api::{self, AgentInfo};
 use crate::stats::Stats;
 use crate::tunnel::{self, Timeouts};
 
+/// How long sending close_notify may take at the end of a connection.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// What every connection task needs.
 pub struct Shared {
     /// TLS with client authentication and the ALPN offer.
-    pub acceptor: TlsAcceptor,
+    pub tls: Arc<rustls::ServerConfig>,
+    /// The same without ALPN: for clients that offer only protocols we do not speak, which
+    /// PROTOCOL.md routes to the HTTP API rather than refusing.
+    pub tls_no_alpn: Arc<rustls::ServerConfig>,
     /// For the HTTP API.
     pub info: Arc<AgentInfo>,
     /// Time a client has to complete the TLS handshake.
@@ -86,7 +93,7 @@ async fn serve_connection(
 ) {
     tunnel::tune(&tcp);
     let handshake = tokio::select! {
-        r = timeout(shared.handshake_timeout, shared.acceptor.accept(tcp)) => r,
+        r = timeout(shared.handshake_timeout, handshake(tcp, &shared)) => r,
         // Not a tunnel yet: no grace period.
         () = shutdown.cancelled() => return,
     };
@@ -118,8 +125,17 @@ async fn serve_connection(
 
     match alpn {
         Alpn::Stream => {
-            let report =
-                tunnel::serve(tls, shared.timeouts, &shared.stats, &shutdown, &hard_stop).await;
+            let mut tls = tls;
+            let report = tunnel::serve(
+                &mut tls,
+                shared.timeouts,
+                &shared.stats,
+                &shutdown,
+                &hard_stop,
+            )
+            .await;
+            // close_notify (a relay has sent it already; this is then a no-op), bounded.
+            let _ = timeout(CLOSE_TIMEOUT, tls.shutdown()).await;
             let destination = report
                 .destination
                 .as_ref()
@@ -153,4 +169,20 @@ async fn serve_connection(
             }
         }
     }
+}
+
+/// The TLS handshake, with the configuration picked from the ClientHello: a client offering
+/// only unknown ALPN ids completes without ALPN (and gets the HTTP API) instead of an alert.
+async fn handshake(tcp: TcpStream, shared: &Shared) -> std::io::Result<TlsStream<TcpStream>> {
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+    let knows_ours = match start.client_hello().alpn() {
+        None => true,
+        Some(mut offered) => offered.any(|id| Alpn::SERVER_OFFER.contains(&id)),
+    };
+    let config = if knows_ours {
+        shared.tls.clone()
+    } else {
+        shared.tls_no_alpn.clone()
+    };
+    start.into_stream(config).await
 }

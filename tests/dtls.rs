@@ -83,11 +83,7 @@ async fn thousand_datagrams_of_every_size_round_trip() {
         assert!(seen.insert(n), "datagram of {n} bytes echoed twice");
     }
     assert_eq!(seen.len(), 1000);
-    assert_eq!(
-        echo.received(),
-        1000,
-        "the destination saw other datagrams"
-    );
+    assert_eq!(echo.received(), 1000, "the destination saw other datagrams");
     tunnel.close().await;
     daemon.stop().await;
 }

@@ -99,7 +99,7 @@ pub struct Report {
 /// is still waiting for its header or dialing; `stop` ends the relay at once (the daemon
 /// cancels it when the shutdown grace period is over).
 pub async fn serve<S>(
-    mut client: S,
+    client: &mut S,
     timeouts: Timeouts,
     stats: &Stats,
     shutdown: &CancellationToken,
@@ -117,7 +117,7 @@ where
         duration: Duration::ZERO,
         end: End::Eof,
     };
-    report.end = run(&mut client, timeouts, stats, shutdown, stop, &mut report).await;
+    report.end = run(client, timeouts, stats, shutdown, stop, &mut report).await;
     report.duration = started.elapsed();
     report
 }
