@@ -4,13 +4,14 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{Context as _, anyhow, bail};
+use http_body_util::BodyExt as _;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{PrivateKeyDer, ServerName};
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpStream, ToSocketAddrs, UdpSocket};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -163,6 +164,98 @@ impl ClientTls {
         })
     }
 
+    /// TCP health probe: a stream tunnel with the probe flag, which the agent must close
+    /// without dialing. Returns the time from connect to the close.
+    pub async fn probe_tcp(
+        &self,
+        server: SocketAddr,
+        within: Duration,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        tokio::time::timeout(within, async {
+            let mut tls = self
+                .connect_stream(server)
+                .await
+                .map_err(|e| anyhow!("TLS connection failed: {e}"))?;
+            if tls.get_ref().1.alpn_protocol() != Some(Alpn::STREAM) {
+                bail!(
+                    "the agent does not offer TCP stream tunnels (no godoxy-agent-stream/1 ALPN)"
+                );
+            }
+            tls.write_all(&TunnelHeader::probe().encode()).await?;
+            tls.flush().await?;
+            let mut rest = [0u8; 64];
+            match tls.read(&mut rest).await {
+                Ok(0) => Ok(()),
+                // Closed without close_notify still answers the probe.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(()),
+                Ok(_) => bail!("the agent sent data in reply to a probe"),
+                Err(e) => Err(anyhow!("the connection failed: {e}")),
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("timed out after {within:?}"))??;
+        Ok(started.elapsed())
+    }
+
+    /// UDP health probe: a DTLS session whose first record is a probe header; the agent must
+    /// close it with close_notify.
+    pub async fn probe_udp(
+        &self,
+        server: SocketAddr,
+        within: Duration,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        tokio::time::timeout(within, async {
+            let tunnel = self.connect_dtls(server, None, within).await?;
+            tunnel.send(&TunnelHeader::probe().encode()).await?;
+            let mut buf = UdpTunnel::buffer();
+            let closed = tunnel.recv(&mut buf, within).await;
+            tunnel.close().await;
+            match closed? {
+                None => Ok(()),
+                Some(_) => bail!("the agent sent data in reply to a probe"),
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("timed out after {within:?}"))??;
+        Ok(started.elapsed())
+    }
+
+    /// `GET /godoxy/agent/info`, as the GoDoxy server does when an agent is added.
+    pub async fn fetch_info(
+        &self,
+        server: SocketAddr,
+        within: Duration,
+    ) -> anyhow::Result<AgentInfoReply> {
+        tokio::time::timeout(within, async {
+            let tls = self
+                .connect_http(server)
+                .await
+                .map_err(|e| anyhow!("TLS connection failed: {e}"))?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+            tokio::spawn(conn);
+            let request = hyper::Request::get("/godoxy/agent/info")
+                .header(hyper::header::HOST, SERVER_NAME)
+                .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
+            let response = sender.send_request(request).await?;
+            let status = response.status();
+            let body = http_body_util::Limited::new(response.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map_err(|e| anyhow!("reading the reply: {e}"))?
+                .to_bytes();
+            if !status.is_success() {
+                bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+            }
+            serde_json::from_slice::<AgentInfoReply>(&body)
+                .map_err(|e| anyhow!("the reply is not the expected JSON: {e}"))
+        })
+        .await
+        .map_err(|_| anyhow!("timed out after {within:?}"))?
+    }
+
     async fn connect(
         &self,
         server: impl ToSocketAddrs,
@@ -173,6 +266,28 @@ impl ClientTls {
         let name = ServerName::try_from(SERVER_NAME).map_err(io::Error::other)?;
         connector.connect(name, tcp).await
     }
+}
+
+/// Why [`UdpTunnel::recv`] returned no record.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// Nothing arrived in time; the session is still usable.
+    #[error("no record within {0:?}")]
+    TimedOut(Duration),
+    /// The session failed.
+    #[error("DTLS read: {0}")]
+    Failed(String),
+}
+
+/// What `/godoxy/agent/info` reports.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AgentInfoReply {
+    /// Agent version.
+    pub version: String,
+    /// Agent name.
+    pub name: String,
+    /// `docker` or `podman`.
+    pub runtime: String,
 }
 
 /// A client's DTLS session: each `send` is one record (one datagram at the destination).
@@ -199,13 +314,14 @@ impl UdpTunnel {
 
     /// Receives one record into `buf` (use at least [`READ_BUF`] bytes: a record that does
     /// not fit is lost). `Ok(None)` when the agent closed the session.
-    pub async fn recv(&self, buf: &mut [u8], within: Duration) -> anyhow::Result<Option<usize>> {
+    pub async fn recv(&self, buf: &mut [u8], within: Duration) -> Result<Option<usize>, RecvError> {
         match self.conn.read(buf, Some(within)).await {
             Ok(n) => Ok(Some(n)),
             Err(webrtc_dtls::Error::ErrAlertFatalOrClose | webrtc_dtls::Error::ErrConnClosed) => {
                 Ok(None)
             }
-            Err(e) => Err(anyhow!("DTLS read: {e}")),
+            Err(webrtc_dtls::Error::ErrDeadlineExceeded) => Err(RecvError::TimedOut(within)),
+            Err(e) => Err(RecvError::Failed(e.to_string())),
         }
     }
 

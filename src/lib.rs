@@ -18,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod dtls;
+pub mod forward;
 pub mod http_api;
 pub mod stats;
 pub mod tcp_listener;

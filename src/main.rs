@@ -1,11 +1,17 @@
 //! The `godoxy-agent` command: run the daemon, make certificates, check a configuration.
 
 use std::io::IsTerminal as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use godoxy_agent::client::ClientTls;
 use godoxy_agent::config::{Config, DEFAULT_CONFIG_PATH, PemSource};
+use godoxy_agent::tunnel::header::TunnelHeader;
 use godoxy_agent::{Daemon, certs};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -41,6 +47,97 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
+    /// Health-probe an agent (TCP and/or UDP); exit 0 when every probe passes.
+    Probe {
+        /// The agent, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        server: String,
+        /// Probe the TCP stream tunnel only.
+        #[arg(long, conflicts_with_all = ["udp", "all"])]
+        tcp: bool,
+        /// Probe the UDP (DTLS) tunnel only.
+        #[arg(long, conflicts_with_all = ["tcp", "all"])]
+        udp: bool,
+        /// Probe both (the default).
+        #[arg(long)]
+        all: bool,
+        /// Deadline for each probe.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        certs: CertArgs,
+    },
+    /// What a GoDoxy server checks when an agent is added: /info, then TCP and UDP probes.
+    Info {
+        /// The agent, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        server: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Deadline for each step.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        certs: CertArgs,
+    },
+    /// Forward a local port through the agent to TARGET (one tunnel per connection; with
+    /// --udp, one DTLS session per local client address).
+    Forward {
+        /// The agent, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        server: String,
+        /// Local address to listen on.
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
+        /// Destination as the agent sees it, HOST:PORT ([v6]:PORT for IPv6).
+        #[arg(long, value_name = "HOST:PORT")]
+        target: String,
+        /// Forward UDP instead of TCP.
+        #[arg(long)]
+        udp: bool,
+        /// UDP: close a local client's session after this much silence.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        idle: Duration,
+        /// Handshake deadline.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        certs: CertArgs,
+    },
+}
+
+/// Client certificate flags: a `certs init` folder, or each file on its own.
+#[derive(clap::Args)]
+struct CertArgs {
+    /// Folder with ca.pem, client.pem and client.key (what `certs init` writes).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    certs: PathBuf,
+    /// CA certificate [default: DIR/ca.pem].
+    #[arg(long, value_name = "PATH")]
+    ca: Option<PathBuf>,
+    /// Client certificate [default: DIR/client.pem].
+    #[arg(long, value_name = "PATH")]
+    cert: Option<PathBuf>,
+    /// Client key [default: DIR/client.key].
+    #[arg(long, value_name = "PATH")]
+    key: Option<PathBuf>,
+}
+
+impl CertArgs {
+    fn client(&self) -> anyhow::Result<ClientTls> {
+        let read = |given: &Option<PathBuf>, name: &str| {
+            let path = given.clone().unwrap_or_else(|| self.certs.join(name));
+            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        ClientTls::from_pem(
+            &read(&self.ca, "ca.pem")?,
+            Some((
+                &read(&self.cert, "client.pem")?,
+                &read(&self.key, "client.key")?,
+            )),
+        )
+    }
 }
 
 #[derive(Subcommand)]
@@ -65,7 +162,189 @@ fn main() -> ExitCode {
             command: CertsCommand::Init { out, force },
         } => certs_init(&out, force),
         Command::CheckConfig { config } => check_config(config.as_deref()),
+        Command::Probe {
+            server,
+            tcp,
+            udp,
+            all: _,
+            timeout,
+            certs,
+        } => {
+            let (tcp, udp) = if tcp || udp { (tcp, udp) } else { (true, true) };
+            client_command(probe(server, tcp, udp, timeout, certs))
+        }
+        Command::Info {
+            server,
+            json,
+            timeout,
+            certs,
+        } => client_command(info(server, json, timeout, certs)),
+        Command::Forward {
+            server,
+            listen,
+            target,
+            udp,
+            idle,
+            timeout,
+            certs,
+        } => client_command(forward(server, listen, target, udp, idle, timeout, certs)),
     }
+}
+
+/// Runs a client command; its error (if any) is printed and the exit code is 1.
+fn client_command(work: impl std::future::Future<Output = anyhow::Result<bool>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("godoxy-agent: starting the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("godoxy-agent: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(server)
+        .await
+        .with_context(|| format!("resolving {server} (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("{server} resolved to no address"))
+}
+
+fn millis(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn probe(
+    server: String,
+    tcp: bool,
+    udp: bool,
+    timeout: Duration,
+    certs: CertArgs,
+) -> anyhow::Result<bool> {
+    let client = certs.client()?;
+    let addr = resolve(&server).await?;
+    let mut all_ok = true;
+    if tcp {
+        all_ok &= report("tcp", client.probe_tcp(addr, timeout).await, addr);
+    }
+    if udp {
+        all_ok &= report("udp", client.probe_udp(addr, timeout).await, addr);
+    }
+    Ok(all_ok)
+}
+
+fn report(transport: &str, result: anyhow::Result<Duration>, addr: SocketAddr) -> bool {
+    match result {
+        Ok(latency) => {
+            println!("{transport}  ok    {:>9}  {addr}", millis(latency));
+            true
+        }
+        Err(err) => {
+            println!("{transport}  FAIL  {addr}: {err:#}");
+            false
+        }
+    }
+}
+
+async fn info(
+    server: String,
+    json: bool,
+    timeout: Duration,
+    certs: CertArgs,
+) -> anyhow::Result<bool> {
+    let client = certs.client()?;
+    let addr = resolve(&server).await?;
+    let info = client
+        .fetch_info(addr, timeout)
+        .await
+        .with_context(|| format!("GET https://{addr}/godoxy/agent/info"))?;
+    let tcp = client.probe_tcp(addr, timeout).await;
+    let udp = client.probe_udp(addr, timeout).await;
+    let support = |r: &anyhow::Result<Duration>| match r {
+        Ok(d) => serde_json::json!({"supported": true, "latency_ms": d.as_secs_f64() * 1000.0}),
+        Err(e) => serde_json::json!({"supported": false, "error": format!("{e:#}")}),
+    };
+    if json {
+        let out = serde_json::json!({
+            "server": addr.to_string(),
+            "name": info.name,
+            "version": info.version,
+            "runtime": info.runtime,
+            "tcp": support(&tcp),
+            "udp": support(&udp),
+        });
+        println!("{out:#}");
+    } else {
+        let line = |r: &anyhow::Result<Duration>| match r {
+            Ok(d) => format!("supported ({})", millis(*d)),
+            Err(e) => format!("not supported: {e:#}"),
+        };
+        println!("server:   {addr}");
+        println!("name:     {}", info.name);
+        println!("version:  {}", info.version);
+        println!("runtime:  {}", info.runtime);
+        println!("tcp:      {}", line(&tcp));
+        println!("udp:      {}", line(&udp));
+    }
+    Ok(true)
+}
+
+/// HOST:PORT or [IPv6]:PORT into the header's host and port fields.
+fn target_header(target: &str) -> anyhow::Result<TunnelHeader> {
+    let (host, port) = target
+        .rsplit_once(':')
+        .with_context(|| format!("--target {target}: expected HOST:PORT"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let header = TunnelHeader::new(host, port, 0).with_context(|| format!("--target {target}"))?;
+    header
+        .destination()
+        .map_err(|e| anyhow::anyhow!("--target {target}: the agent would refuse it: {e}"))?;
+    Ok(header)
+}
+
+async fn forward(
+    server: String,
+    listen: SocketAddr,
+    target: String,
+    udp: bool,
+    idle: Duration,
+    timeout: Duration,
+    certs: CertArgs,
+) -> anyhow::Result<bool> {
+    let forward = godoxy_agent::forward::Forward {
+        client: certs.client()?,
+        server: resolve(&server).await?,
+        header: target_header(&target)?,
+        handshake_timeout: timeout,
+        idle_timeout: idle,
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    if udp {
+        let socket = tokio::net::UdpSocket::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}/udp"))?;
+        info!(listen = %socket.local_addr()?, %target, agent = %forward.server, "forwarding UDP");
+        godoxy_agent::forward::udp(socket, forward, shutdown).await;
+    } else {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}/tcp"))?;
+        info!(listen = %listener.local_addr()?, %target, agent = %forward.server, "forwarding TCP");
+        godoxy_agent::forward::tcp(listener, forward, shutdown).await;
+    }
+    Ok(true)
 }
 
 fn init_logging() {
