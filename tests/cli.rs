@@ -377,7 +377,19 @@ async fn check_config_lists_every_error() {
 
 #[tokio::test]
 async fn check_config_prints_the_example_without_key_material() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/godoxy-agent.toml");
+    // The example, in a folder of its own with a certificate set where it points, so that
+    // check-config loads real key material (a clean clone has no config/certs/).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("godoxy-agent.toml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/godoxy-agent.toml"),
+        &path,
+    )
+    .unwrap();
+    godoxy_agent::certs::CertSet::generate()
+        .unwrap()
+        .write(&dir.path().join("certs"), false)
+        .unwrap();
     let out = output(agent().arg("check-config").arg("--config").arg(&path)).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
