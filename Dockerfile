@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+#
+# godoxy-agent container image: one static (musl) binary in an empty image, run as an
+# unprivileged numeric user. Configure it like GoDoxy's own agent container, with AGENT_NAME,
+# AGENT_PORT, AGENT_CA_CERT, AGENT_SSL_CERT and RUNTIME (see docs/DEPLOY.md); a config file
+# mounted at /etc/godoxy-agent/config.toml is read too.
+#
+# Normal build (pulls rust:alpine for the builder stage):
+#   docker build -t godoxy-agent .
+# Without any registry: build the static binary on the host and hand its folder in as the
+# `builder` stage; the final stage is FROM scratch, so nothing is pulled at all:
+#   cargo build --release --locked --bin godoxy-agent --target x86_64-unknown-linux-musl
+#   mkdir -p /tmp/ctx && cp target/x86_64-unknown-linux-musl/release/godoxy-agent /tmp/ctx/
+#   podman build --build-context builder=/tmp/ctx -t godoxy-agent .
+#   (docker buildx build --build-context builder=/tmp/ctx ... does the same)
+
+ARG RUST_IMAGE=docker.io/library/rust:1-alpine
+
+# ---- builder: a static binary at /godoxy-agent -------------------------------------------
+FROM ${RUST_IMAGE} AS builder
+# ring compiles a little C; musl-dev gives the musl C toolchain bits on Alpine.
+RUN apk add --no-cache musl-dev
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin godoxy-agent \
+ && install -m 0755 target/release/godoxy-agent /godoxy-agent
+
+# ---- final: nothing but the binary -------------------------------------------------------
+FROM scratch
+LABEL org.opencontainers.image.title="godoxy-agent" \
+      org.opencontainers.image.description="GoDoxy agent: mTLS TCP and DTLS UDP tunnels" \
+      org.opencontainers.image.source="https://github.com/yusing/godoxy" \
+      org.opencontainers.image.licenses="MIT"
+COPY --from=builder --chmod=0755 /godoxy-agent /godoxy-agent
+# GoDoxy's agent port: TLS (tunnels + HTTP API) on TCP, DTLS (UDP tunnels) on UDP.
+EXPOSE 8890/tcp 8890/udp
+# Unprivileged; the image has no /etc/passwd, so the id is numeric.
+USER 65532:65532
+# The probe is what a GoDoxy server does: a TCP and a UDP health probe over mutual TLS. It
+# needs a client certificate set (ca.pem client.pem client.key) mounted at /certs; without
+# one the container reports unhealthy (disable the check, or see docs/DEPLOY.md). The port
+# is the default 8890: with another AGENT_PORT, override the health command.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=5s --retries=3 \
+    CMD ["/godoxy-agent", "probe", "--server", "127.0.0.1:8890", "--all", "--certs", "/certs", "--timeout", "3s"]
+ENTRYPOINT ["/godoxy-agent"]
+CMD ["run"]

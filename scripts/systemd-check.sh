@@ -1,0 +1,316 @@
+#!/usr/bin/env bash
+# Checks systemd/godoxy-agent.service as far as a machine without systemd as PID 1 allows:
+#   1. `systemd-analyze verify` on the unit (needs the ExecStart binary: the release build is
+#      put at /usr/local/bin/godoxy-agent for the check when nothing is there, and removed
+#      again afterwards);
+#   2. `systemd-analyze security --offline=true`: prints the exposure figure, fails above
+#      2.0;
+#   3. the agent as the unit runs it: an unprivileged uid with no capabilities and
+#      no_new_privs (setpriv), `run --config <credentials dir>/config.toml` where the
+#      credentials folder is laid out as LoadCredential= makes it (0500 folder, 0400 files
+#      owned by the service user) from a 0600 root-only /etc/godoxy-agent; a notify socket
+#      (NOTIFY_SOCKET, WATCHDOG_USEC) records READY=1, WATCHDOG=1 and STOPPING=1; mTLS /info,
+#      a TCP tunnel and the TCP and UDP probes work; SIGTERM exits 0;
+#   4. with strace available (installed when missing): every system call that run made is
+#      allowed by the unit's SystemCallFilter= (@system-service minus @privileged @resources).
+# Needs root. Prints PASS/FAIL lines; exits non-zero on any failure.
+# Environment: GDA_SYSTEMD_PORT (default 18892), GDA_ECHO_PORT (18901), KEEP=1 keeps files.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+UNIT="$ROOT/systemd/godoxy-agent.service"
+PORT="${GDA_SYSTEMD_PORT:-18892}"
+ECHO_PORT="${GDA_ECHO_PORT:-18901}"
+MAX_EXPOSURE=2.0
+SERVICE_UID=61234     # stands in for the DynamicUser= uid
+WORK="$(mktemp -d /tmp/godoxy-systemd-check.XXXXXX)"
+
+failures=0
+pass() { echo "PASS: $*"; }
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+step() { echo; echo "== $*"; }
+die() { echo "FAIL: $*"; exit 1; }
+
+INSTALLED_BIN=""
+AGENT_PID=""
+PIDS=()
+cleanup() {
+  set +e
+  [ -n "$AGENT_PID" ] && kill -KILL "$AGENT_PID" 2>/dev/null
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  [ -n "$INSTALLED_BIN" ] && rm -f "$INSTALLED_BIN"
+  if [ "${KEEP:-}" = 1 ]; then echo "work folder kept: $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+[ "$(id -u)" = 0 ] || die "run as root"
+need=()
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v strace >/dev/null 2>&1 || need+=(strace)
+for c in curl python3; do command -v $c >/dev/null 2>&1 || need+=($c); done
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  timeout 300 apt-get update -qq
+  timeout 600 apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+echo "$(systemd-analyze --version | head -1); PID 1 is '$(ps -o comm= -p 1)'"
+
+step "release binary"
+(cd "$ROOT" && timeout 900 cargo build --release --locked --bin godoxy-agent 2>&1 | tail -1)
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/godoxy-agent"
+[ -x "$BIN" ] || die "no binary at $BIN"
+
+# ---------------------------------------------------------------------------------------------
+step "systemd-analyze verify"
+EXEC=$(sed -n 's/^ExecStart=\([^ ]*\).*/\1/p' "$UNIT")
+if [ ! -e "$EXEC" ]; then
+  install -m 0755 "$BIN" "$EXEC"
+  INSTALLED_BIN="$EXEC"
+  echo "(installed $BIN as $EXEC for the check; removed at the end)"
+fi
+if out=$(systemd-analyze verify "$UNIT" 2>&1) && [ -z "$out" ]; then
+  pass "systemd-analyze verify $(basename "$UNIT"): no findings"
+else
+  fail "systemd-analyze verify: ${out:-non-zero exit}"
+fi
+
+step "systemd-analyze security --offline=true"
+systemd-analyze security --offline=true --no-pager "$UNIT" >"$WORK/security.txt" 2>&1 || true
+grep -E '^✗' "$WORK/security.txt" | sed 's/  \+/  /g' || true
+exposure=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' "$WORK/security.txt")
+[ -n "$exposure" ] || { cat "$WORK/security.txt"; die "no exposure figure"; }
+echo "exposure: $exposure (threshold $MAX_EXPOSURE)"
+if awk -v e="$exposure" -v m="$MAX_EXPOSURE" 'BEGIN {exit !(e <= m)}'; then
+  pass "security exposure $exposure <= $MAX_EXPOSURE ($(grep -o 'Overall.*' "$WORK/security.txt"))"
+else
+  fail "security exposure $exposure > $MAX_EXPOSURE"
+fi
+
+# ---------------------------------------------------------------------------------------------
+step "the agent as the unit runs it (unprivileged, config and certificates as credentials)"
+# /etc/godoxy-agent as the install notes lay it out: root-only.
+ETC="$WORK/etc/godoxy-agent"
+mkdir -p "$ETC"
+"$BIN" certs init --out "$WORK/certs" >/dev/null
+install -m 0600 "$WORK/certs/ca.pem" "$WORK/certs/server.pem" "$WORK/certs/server.key" "$ETC/"
+cat >"$ETC/config.toml" <<EOF
+# The unit passes --config \$CREDENTIALS_DIRECTORY/config.toml; relative paths are taken from
+# the config file's folder, so these name the credentials beside it.
+name = "systemd-check"
+[listen]
+tcp = "127.0.0.1:$PORT"
+udp = "127.0.0.1:$PORT"
+[tls]
+ca = "ca.pem"
+cert = "server.pem"
+key = "server.key"
+EOF
+chmod 0600 "$ETC/config.toml"
+if out=$("$BIN" check-config --config "$ETC/config.toml" 2>&1); then
+  pass "check-config as root on /etc/godoxy-agent/config.toml: relative names resolve beside it"
+else
+  fail "check-config: $out"
+fi
+
+# What LoadCredential= does: copies each file into a private folder owned by the service user.
+CRED="$WORK/run/credentials/godoxy-agent.service"
+mkdir -p "$CRED"
+for f in $(sed -n 's/^LoadCredential=\([^:]*\):.*/\1/p' "$UNIT"); do
+  install -m 0400 -o "$SERVICE_UID" -g "$SERVICE_UID" "$ETC/$f" "$CRED/$f"
+done
+chown "$SERVICE_UID:$SERVICE_UID" "$CRED"
+chmod 0500 "$CRED"
+chmod 0755 "$WORK" "$WORK/run" "$WORK/run/credentials"
+echo "credentials: $(ls "$CRED" | tr '\n' ' ')"
+
+cat >"$WORK/helpers.py" <<'PY'
+import os, socket, ssl, struct, sys, threading, time, zlib
+
+def notify_listener(path, out, lifetime):
+    """A NOTIFY_SOCKET: logs every sd_notify datagram with a timestamp."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path); os.chmod(path, 0o777); s.settimeout(0.5)
+    end = time.time() + lifetime
+    with open(out, "a") as f:
+        print("ready", file=f, flush=True)
+        while time.time() < end:
+            try:
+                d = s.recv(4096)
+            except socket.timeout:
+                continue
+            f.write(f"{time.monotonic():.3f} {d.decode(errors='replace')!r}\n"); f.flush()
+
+def echo(port, lifetime):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port)); s.listen(16)
+    def conn(c):
+        with c:
+            while (d := c.recv(65536)):
+                c.sendall(d)
+    def loop():
+        while True:
+            c, _ = s.accept()
+            threading.Thread(target=conn, args=(c,), daemon=True).start()
+    threading.Thread(target=loop, daemon=True).start()
+    time.sleep(lifetime)
+
+def header(host, port):
+    h, p = host.encode(), str(port).encode()
+    b = (b"0.1.0\0\0\0" + bytes([len(h)]) + h.ljust(255, b"\0")
+         + bytes([len(p)]) + p.ljust(5, b"\0") + b"\0")
+    return b + struct.pack(">I", zlib.crc32(b) & 0xFFFFFFFF)
+
+def tcp(port, certs, dport):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(os.path.join(certs, "ca.pem"))
+    ctx.load_cert_chain(os.path.join(certs, "client.pem"), os.path.join(certs, "client.key"))
+    ctx.set_alpn_protocols(["godoxy-agent-stream/1"])
+    payload = b"systemd-check-" + os.urandom(6).hex().encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="godoxy.agent") as s:
+            s.sendall(header("localhost", dport) + payload)
+            got = b""
+            while len(got) < len(payload) and (d := s.recv(65536)):
+                got += d
+    if got != payload:
+        sys.exit(f"sent {payload!r}, got {got!r}")
+    print(f"{len(got)} bytes echoed by localhost:{dport}")
+
+if __name__ == "__main__":
+    c, a = sys.argv[1], sys.argv[2:]
+    if c == "notify": notify_listener(a[0], a[1], float(a[2]))
+    elif c == "echo": echo(int(a[0]), float(a[1]))
+    elif c == "tcp": tcp(int(a[0]), a[1], int(a[2]))
+PY
+
+# The agent's own process: the one running $BIN (strace, when used, is its parent).
+agent_pid() {
+  local p
+  for p in $(pgrep -f "godoxy-agent run --config $CRED" || true); do
+    [ "$(readlink -f "/proc/$p/exe" 2>/dev/null)" = "$(readlink -f "$BIN")" ] && { echo "$p"; return; }
+  done
+}
+
+NOTIFY="$WORK/notify.sock"
+timeout 300 python3 "$WORK/helpers.py" notify "$NOTIFY" "$WORK/notify.log" 280 &
+PIDS+=($!)
+timeout 300 python3 "$WORK/helpers.py" echo "$ECHO_PORT" 280 &
+PIDS+=($!)
+for _ in $(seq 1 50); do [ -S "$NOTIFY" ] && grep -q ready "$WORK/notify.log" 2>/dev/null && break; sleep 0.1; done
+[ -S "$NOTIFY" ] || die "notify listener"
+
+STRACE=()
+if command -v strace >/dev/null 2>&1 && strace -f -o /dev/null true 2>/dev/null; then
+  STRACE=(strace -f -qq -o "$WORK/strace.log")
+else
+  echo "SKIP: strace unavailable or ptrace not permitted: system call filter not checked"
+fi
+# The unit's environment, as systemd would give it (no other variables): 2s watchdog so the
+# pings show up quickly. The agent runs under setpriv, then (when present) strace.
+"${STRACE[@]}" setpriv --reuid="$SERVICE_UID" --regid="$SERVICE_UID" --clear-groups \
+  --no-new-privs --inh-caps=-all --bounding-set=-all \
+  env -i PATH=/usr/bin:/bin RUST_LOG=info CREDENTIALS_DIRECTORY="$CRED" \
+      NOTIFY_SOCKET="$NOTIFY" WATCHDOG_USEC=2000000 \
+  "$BIN" run --config "$CRED/config.toml" >"$WORK/agent.log" 2>&1 &
+AGENT_PID=$!
+
+for _ in $(seq 1 100); do grep -q "READY=1" "$WORK/notify.log" && break; sleep 0.1; done
+if grep -q "READY=1" "$WORK/notify.log"; then
+  pass "READY=1 sent: $(grep -m1 READY=1 "$WORK/notify.log" | cut -d' ' -f2-)"
+else
+  fail "no READY=1 within 10s"; cat "$WORK/agent.log"
+fi
+APID=$(agent_pid)
+[ -n "$APID" ] || die "agent process not found"
+uid=$(awk '/^Uid:/ {print $2}' "/proc/$APID/status")
+caps=$(awk '/^CapEff:/ {print $2}' "/proc/$APID/status")
+nnp=$(awk '/^NoNewPrivs:/ {print $2}' "/proc/$APID/status")
+if [ "$uid" = "$SERVICE_UID" ] && [ "$caps" = 0000000000000000 ] && [ "$nnp" = 1 ]; then
+  pass "agent runs as uid $uid, CapEff $caps, NoNewPrivs $nnp"
+else
+  fail "agent uid '$uid', CapEff '$caps', NoNewPrivs '$nnp'"
+fi
+
+C="$WORK/certs"
+if out=$(curl -sS --max-time 10 --cacert "$C/ca.pem" --cert "$C/client.pem" --key "$C/client.key" \
+           --resolve "godoxy.agent:$PORT:127.0.0.1" "https://godoxy.agent:$PORT/godoxy/agent/info" 2>&1) &&
+   grep -q '"name":"systemd-check"' <<<"$out"; then
+  pass "/godoxy/agent/info over mTLS: $out"
+else
+  fail "/godoxy/agent/info: $out"
+fi
+if out=$(timeout 30 python3 "$WORK/helpers.py" tcp "$PORT" "$C" "$ECHO_PORT" 2>&1); then
+  pass "TCP tunnel: $out"
+else
+  fail "TCP tunnel: $out"
+fi
+if "$BIN" probe --help >/dev/null 2>&1; then
+  if out=$(timeout 30 "$BIN" probe --server "127.0.0.1:$PORT" --all --certs "$C" 2>&1); then
+    pass "probe --all (TCP and UDP health probes): $(tr '\n' ' ' <<<"$out")"
+  else
+    fail "probe: $out"
+  fi
+else
+  echo "SKIP: no probe command in this build"
+fi
+
+sleep 2.5   # a WATCHDOG_USEC of 2s: a ping every second
+pings=$(grep -c "WATCHDOG=1" "$WORK/notify.log" || true)
+[ "$pings" -ge 2 ] && pass "watchdog pings: $pings WATCHDOG=1 in the first seconds (WATCHDOG_USEC=2s)" \
+  || fail "watchdog pings: $pings"
+
+kill -TERM "$APID"
+code=""
+for _ in $(seq 1 150); do
+  if ! kill -0 "$AGENT_PID" 2>/dev/null; then break; fi
+  sleep 0.1
+done
+if kill -0 "$AGENT_PID" 2>/dev/null; then
+  fail "agent still running 15s after SIGTERM"
+else
+  wait "$AGENT_PID" && code=0 || code=$?
+  AGENT_PID=""
+  if [ "$code" = 0 ] && grep -q "STOPPING=1" "$WORK/notify.log"; then
+    pass "SIGTERM: STOPPING=1 sent, exit 0"
+  else
+    fail "SIGTERM: exit $code, STOPPING=1 $(grep -c STOPPING=1 "$WORK/notify.log") time(s)"
+    tail -5 "$WORK/agent.log"
+  fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+if [ -f "$WORK/strace.log" ]; then
+  step "system calls against SystemCallFilter=@system-service ~@privileged @resources"
+  # strace names the syscalls the agent (and setpriv/env before the exec) made.
+  used=$(sed -n 's/^[0-9]\+ \+\([a-z_0-9]\+\)(.*/\1/p; s/^[0-9]\+ \+<\.\.\. \([a-z_0-9]\+\) resumed>.*/\1/p' \
+           "$WORK/strace.log" | sort -u)
+  # Syscall sets nest (@system-service holds @basic-io...): expand recursively.
+  expand() {
+    local item
+    systemd-analyze syscall-filter --no-pager "$@" | sed -n 's/^    \([@a-z_0-9-]\+\)$/\1/p' |
+      while read -r item; do
+        case "$item" in @*) expand "$item" ;; *) echo "$item" ;; esac
+      done
+  }
+  allowed=$(comm -23 <(expand @system-service | sort -u) <(expand @privileged @resources | sort -u))
+  # Calls made before the agent's exec (setpriv dropping privileges, env) are not the agent's.
+  agent_calls=$(awk '/execve\(".*godoxy-agent"/ {on=1} on' "$WORK/strace.log" |
+                sed -n 's/^[0-9]\+ \+\([a-z_0-9]\+\)(.*/\1/p; s/^[0-9]\+ \+<\.\.\. \([a-z_0-9]\+\) resumed>.*/\1/p' | sort -u)
+  denied=$(comm -23 <(echo "$agent_calls") <(echo "$allowed") | grep -v '^execve$' || true)
+  echo "the agent made $(wc -l <<<"$agent_calls") distinct system calls"
+  if [ -z "$denied" ]; then
+    pass "every system call the agent made is allowed by the unit's filter"
+  else
+    fail "system calls the unit's filter would refuse (EPERM): $(tr '\n' ' ' <<<"$denied")"
+  fi
+fi
+
+echo
+if [ "$failures" -eq 0 ]; then
+  echo "systemd-check: all checks passed (exposure $exposure)"
+else
+  echo "systemd-check: $failures check(s) FAILED (exposure ${exposure:-?})"
+  exit 1
+fi
