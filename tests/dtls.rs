@@ -145,6 +145,7 @@ async fn twenty_five_concurrent_sessions() {
         t.await.unwrap();
     }
     eventually(WAIT, "table empty", || daemon.stat(|s| &s.udp_table) == 0).await;
+    assert_eq!(daemon.stat(|s| &s.udp_queue_drops), 0);
     daemon.stop().await;
 }
 

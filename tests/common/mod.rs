@@ -184,7 +184,20 @@ pub struct UdpEcho {
 
 impl UdpEcho {
     pub async fn start() -> Self {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // A large receive buffer: 25 sessions' windows arrive at this one socket at once, and
+        // the kernel's default (208 KiB) overflows on a loaded machine.
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .unwrap();
+        socket.set_recv_buffer_size(4 << 20).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        socket
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let socket = UdpSocket::from_std(socket.into()).unwrap();
         let addr = socket.local_addr().unwrap();
         let received = Arc::new(AtomicUsize::new(0));
         let count = received.clone();
