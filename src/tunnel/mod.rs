@@ -1,15 +1,14 @@
 //! The TCP stream tunnel: header (under a timeout) -> rule check -> dial -> copy both ways.
 
 pub mod header;
+pub mod relay;
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -18,9 +17,7 @@ use crate::stats::Stats;
 
 pub use self::header::Destination;
 use self::header::{DestinationError, HEADER_LEN, HeaderError, Host, TunnelHeader};
-
-/// Copy buffer per direction: one TLS record's worth of plaintext.
-const COPY_BUF: usize = 16 * 1024;
+use self::relay::Relay;
 
 /// The timeouts a tunnel runs under.
 #[derive(Debug, Clone, Copy)]
@@ -174,17 +171,16 @@ where
     Stats::bump(&stats.tcp_tunnels);
     tune(&upstream);
 
-    let mut client = Counted::new(client);
-    let mut server = Counted::new(&mut upstream);
+    let mut relay = Relay::new();
     let result = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, COPY_BUF, COPY_BUF) => Some(r),
+        r = relay.run(client, &mut upstream) => Some(r),
         () = stop.cancelled() => None,
     };
-    report.up = client.read;
-    report.down = server.read;
+    report.up = relay.a_to_b();
+    report.down = relay.b_to_a();
     match result {
         None => End::Shutdown,
-        Some(Ok(_)) => End::Eof,
+        Some(Ok(())) => End::Eof,
         Some(Err(e)) => End::Io(e),
     }
 }
@@ -207,48 +203,4 @@ pub fn tune(stream: &TcpStream) {
         .with_interval(Duration::from_secs(10))
         .with_retries(6);
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
-}
-
-/// Counts the bytes read through it, so a relay that fails still reports its totals.
-struct Counted<S> {
-    inner: S,
-    read: u64,
-}
-
-impl<S> Counted<S> {
-    fn new(inner: S) -> Self {
-        Self { inner, read: 0 }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        this.read += (buf.filled().len() - before) as u64;
-        poll
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
 }

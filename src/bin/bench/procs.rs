@@ -69,7 +69,12 @@ impl Proc {
     }
 
     /// Waits (bounded) until `ready` holds, failing early when the process exits.
-    pub fn wait_until(&mut self, what: &str, within: Duration, ready: impl Fn() -> bool) -> Result<()> {
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        within: Duration,
+        ready: impl Fn() -> bool,
+    ) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
             self.ensure_running()?;
@@ -194,7 +199,11 @@ pub fn descendants(pid: u32) -> Vec<u32> {
     let mut parent: HashMap<u32, Vec<u32>> = HashMap::new();
     if let Ok(dir) = fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(p) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            let Some(p) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
                 continue;
             };
             if let Some((_, _, ppid)) = stat_fields(&format!("/proc/{p}/stat")) {
