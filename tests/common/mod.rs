@@ -134,6 +134,20 @@ impl TestDaemon {
         Stats::get(&self.stats.dials)
     }
 
+    /// Starts the shutdown without waiting for it; `finish` then waits.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for `run` to return Ok within `limit`, after `begin_stop`.
+    pub async fn finish(self, limit: Duration) {
+        let result = tokio::time::timeout(limit, self.task)
+            .await
+            .expect("daemon did not stop in time")
+            .expect("daemon task panicked");
+        result.expect("daemon returned an error");
+    }
+
     /// Cancels and asserts that `run` returns Ok within 5 s.
     pub async fn stop(self) {
         self.shutdown.cancel();
