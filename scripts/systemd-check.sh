@@ -39,6 +39,7 @@ cleanup() {
   [ -n "$AGENT_PID" ] && kill -KILL "$AGENT_PID" 2>/dev/null
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
   [ -n "$INSTALLED_BIN" ] && rm -f "$INSTALLED_BIN"
+  [ -n "${BOOTED:-}" ] && timeout 60 podman rm -f -t 10 "$BOOT_CTR" >/dev/null 2>&1
   if [ "${KEEP:-}" = 1 ]; then echo "work folder kept: $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -162,6 +163,20 @@ def header(host, port):
          + bytes([len(p)]) + p.ljust(5, b"\0") + b"\0")
     return b + struct.pack(">I", zlib.crc32(b) & 0xFFFFFFFF)
 
+def hold(port, certs, dport, seconds):
+    """Opens a tunnel and keeps it open (idle) for `seconds`, or until the agent closes it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(os.path.join(certs, "ca.pem"))
+    ctx.load_cert_chain(os.path.join(certs, "client.pem"), os.path.join(certs, "client.key"))
+    ctx.set_alpn_protocols(["godoxy-agent-stream/1"])
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds) as raw:
+        with ctx.wrap_socket(raw, server_hostname="godoxy.agent") as s:
+            s.sendall(header("localhost", dport))
+            try:
+                s.recv(1)
+            except OSError:
+                pass
+
 def tcp(port, certs, dport):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(os.path.join(certs, "ca.pem"))
@@ -183,6 +198,7 @@ if __name__ == "__main__":
     if c == "notify": notify_listener(a[0], a[1], float(a[2]))
     elif c == "echo": echo(int(a[0]), float(a[1]))
     elif c == "tcp": tcp(int(a[0]), a[1], int(a[2]))
+    elif c == "hold": hold(int(a[0]), a[1], int(a[2]), float(a[3]))
 PY
 
 # The agent's own process: the one running $BIN (strace, when used, is its parent).
@@ -305,6 +321,195 @@ if [ -f "$WORK/strace.log" ]; then
   else
     fail "system calls the unit's filter would refuse (EPERM): $(tr '\n' ' ' <<<"$denied")"
   fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# The unit under a real systemd: systemd as PID 1 in a podman container whose root is a scratch
+# folder with this host's /usr mounted read-only (same systemd, same glibc, same tools; no image
+# to pull) and its own network namespace (loopback only). Skipped with GDA_SKIP_BOOT=1.
+boot_stage() {
+  step "the unit under a real systemd (PID 1 in a podman container)"
+  local need=() pairs p
+  for p in podman:podman runc:runc; do
+    command -v "${p%%:*}" >/dev/null 2>&1 || need+=("${p#*:}")
+  done
+  if [ "${#need[@]}" -gt 0 ]; then
+    echo "installing: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    timeout 300 apt-get update -qq && timeout 600 apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+  export CONTAINERS_CONF="$ROOT/scripts/containers.conf"
+  SYSROOT="$WORK/sysroot"
+  BOOT_CTR="godoxy-systemd-check-$$"
+  mkdir -p "$SYSROOT"/{proc,sys,dev,run,tmp,var/tmp,var/log,var/lib,root,usr} "$WORK/bin"
+  for p in bin lib lib64 sbin; do ln -s "usr/$p" "$SYSROOT/$p"; done
+  # This host's /etc without its password hashes and without the services it enables.
+  cp -a /etc "$SYSROOT/"
+  rm -f "$SYSROOT"/etc/{shadow,gshadow}* "$SYSROOT"/etc/systemd/system/multi-user.target.wants/*
+  rm -rf "$SYSROOT/etc/godoxy-agent"
+  cp "$BIN" "$WORK/bin/godoxy-agent"
+  # Installed as the unit's header says: root-only /etc/godoxy-agent, the unit, enabled.
+  install -d -m 0700 "$SYSROOT/etc/godoxy-agent"
+  install -m 0600 "$WORK/certs/ca.pem" "$WORK/certs/server.pem" "$WORK/certs/server.key" \
+    "$SYSROOT/etc/godoxy-agent/"
+  printf 'name = "real-systemd"\n[tls]\nca = "ca.pem"\ncert = "server.pem"\nkey = "server.key"\n' \
+    >"$SYSROOT/etc/godoxy-agent/config.toml"
+  chmod 0600 "$SYSROOT/etc/godoxy-agent/config.toml"
+  install -m 0644 "$UNIT" "$SYSROOT/etc/systemd/system/godoxy-agent.service"
+  ln -s /etc/systemd/system/godoxy-agent.service \
+    "$SYSROOT/etc/systemd/system/multi-user.target.wants/godoxy-agent.service"
+  install -d -m 0700 "$SYSROOT/root/client"
+  install -m 0600 "$WORK/certs/ca.pem" "$WORK/certs/client.pem" "$WORK/certs/client.key" \
+    "$SYSROOT/root/client/"
+  cp "$WORK/helpers.py" "$SYSROOT/root/helpers.py"
+
+  # systemd makes / a shared mount at boot, but not inside a container; LoadCredential= needs
+  # it (the credentials folder is mounted in a helper's namespace and must propagate back), so
+  # the container does that first, then execs systemd as PID 1.
+  if ! timeout 120 podman --runtime runc run -d --name "$BOOT_CTR" --privileged --network none \
+        --systemd=always -v /usr:/usr:ro -v "$WORK/bin:/usr/local/bin:ro" \
+        --rootfs "$SYSROOT" /bin/sh -c 'mount --make-rshared / && exec /sbin/init' \
+        >"$WORK/boot.err" 2>&1; then
+    echo "SKIP: cannot boot systemd in a container here: $(tail -1 "$WORK/boot.err")"
+    return
+  fi
+  BOOTED=1
+  in_ctr() { timeout 120 podman exec "$BOOT_CTR" sh -c "$1"; }
+  local state="" i
+  for i in $(seq 1 60); do
+    state=$(in_ctr 'systemctl is-system-running' 2>/dev/null || true)
+    case "$state" in running|degraded) break ;; esac
+    sleep 1
+  done
+  echo "systemd in the container: $(in_ctr 'systemctl --version | head -1'), state '$state'"
+
+  # The unit as shipped, LoadCredential= included. Should credentials not work in some
+  # container (a root transient unit with LoadCredential= sees an empty folder when / is not
+  # a shared mount), the unit is given its config by path instead and that is reported.
+  wait_active() {
+    local s i
+    for i in $(seq 1 40); do
+      s=$(in_ctr 'systemctl is-active godoxy-agent' 2>/dev/null || true)
+      [ "$s" = active ] && return 0
+      sleep 0.25
+    done
+    return 1
+  }
+  local creds_ok
+  creds_ok=$(in_ctr 'systemd-run -q --wait --pipe -p LoadCredential=probe:/etc/hostname \
+                       sh -c "test -s \$CREDENTIALS_DIRECTORY/probe && echo yes || echo no"' 2>/dev/null || true)
+  if [ "$creds_ok" = yes ]; then
+    if wait_active; then
+      pass "systemd: unit started as shipped, config and certificates through LoadCredential="
+    else
+      fail "systemd: unit as shipped did not start"
+      in_ctr 'journalctl -u godoxy-agent --no-pager -o cat -n 15'
+      return
+    fi
+  else
+    echo "SKIP: LoadCredential= does not work in this container (a root transient unit sees" \
+         "an empty credentials folder); the unit runs with a drop-in giving it the config by path"
+    in_ctr 'mkdir -p /etc/godoxy-agent-nocreds /etc/systemd/system/godoxy-agent.service.d &&
+            install -m 0644 /etc/godoxy-agent/* /etc/godoxy-agent-nocreds/ &&
+            printf "[Service]\nLoadCredential=\nExecStart=\nExecStart=/usr/local/bin/godoxy-agent run --config /etc/godoxy-agent-nocreds/config.toml\n" \
+              >/etc/systemd/system/godoxy-agent.service.d/no-credentials.conf &&
+            systemctl daemon-reload && systemctl reset-failed godoxy-agent; systemctl restart godoxy-agent' || true
+    if wait_active; then
+      pass "systemd: unit started (every setting as shipped but LoadCredential=/ExecStart=)"
+    else
+      fail "systemd: unit did not start"
+      in_ctr 'journalctl -u godoxy-agent --no-pager -o cat -n 15'
+      return
+    fi
+  fi
+
+  local show pid status
+  show=$(in_ctr 'systemctl show godoxy-agent -p Type -p StatusText -p NRestarts -p WatchdogUSec -p MainPID')
+  echo "$show" | sed 's/^/  /'
+  if grep -q '^StatusText=listening on' <<<"$show"; then
+    pass "systemd: Type=notify start completed on READY=1 ($(sed -n 's/^StatusText=//p' <<<"$show"))"
+  else
+    fail "systemd: no READY status"
+  fi
+  pid=$(sed -n 's/^MainPID=//p' <<<"$show")
+  status=$(in_ctr "grep -E '^(Uid|CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/$pid/status | tr -s '\t' ' ' | tr '\n' ' '")
+  if grep -q 'Uid: 0 ' <<<"$status" || ! grep -q 'CapEff: 0000000000000000' <<<"$status" ||
+     ! grep -q 'NoNewPrivs: 1' <<<"$status" || ! grep -q 'Seccomp: 2' <<<"$status"; then
+    fail "systemd: sandbox not in force: $status"
+  else
+    pass "systemd: dynamic user, no capabilities, seccomp filter on: $status"
+  fi
+  local out
+  if out=$(in_ctr 'curl -sS --max-time 10 --cacert /root/client/ca.pem --cert /root/client/client.pem \
+                     --key /root/client/client.key --resolve godoxy.agent:8890:127.0.0.1 \
+                     https://godoxy.agent:8890/godoxy/agent/info' 2>&1) &&
+     grep -q '"name":"real-systemd"' <<<"$out"; then
+    pass "systemd: /godoxy/agent/info over mTLS: $out"
+  else
+    fail "systemd: /info: $out"
+  fi
+  in_ctr "(timeout 120 python3 /root/helpers.py echo $ECHO_PORT 110 >/dev/null 2>&1 &) ; sleep 0.5"
+  if out=$(in_ctr "python3 /root/helpers.py tcp 8890 /root/client $ECHO_PORT" 2>&1); then
+    pass "systemd: TCP tunnel through the sandboxed agent: $out"
+  else
+    fail "systemd: TCP tunnel: $out"
+  fi
+  if out=$(in_ctr '/usr/local/bin/godoxy-agent probe --server 127.0.0.1:8890 --all --certs /root/client' 2>&1); then
+    pass "systemd: probe --all: $(tr '\n' ' ' <<<"$out")"
+  else
+    fail "systemd: probe: $out"
+  fi
+
+  # Watchdog: freeze the agent; systemd must kill it after WatchdogSec and restart it.
+  local wd
+  wd=$(sed -n 's/^WatchdogUSec=//p' <<<"$show")
+  in_ctr "kill -STOP $pid"
+  local restarted=""
+  for i in $(seq 1 60); do
+    sleep 1
+    show=$(in_ctr 'systemctl show godoxy-agent -p NRestarts -p MainPID -p ActiveState')
+    if grep -q '^NRestarts=1' <<<"$show" && grep -q '^ActiveState=active' <<<"$show" &&
+       ! grep -q "^MainPID=$pid\$" <<<"$show"; then
+      restarted=$i; break
+    fi
+  done
+  if [ -n "$restarted" ] && in_ctr 'journalctl -u godoxy-agent --no-pager -o cat' | grep -q "Failed with result 'watchdog'"; then
+    pass "systemd: frozen agent killed by the watchdog (WatchdogSec=$wd) and restarted ${restarted}s after SIGSTOP"
+  else
+    fail "systemd: watchdog restart not seen: $(tr '\n' ' ' <<<"$show")"
+  fi
+
+  # Stop with a tunnel still open: SIGTERM, the agent waits [stream] shutdown_grace (10s) for
+  # it, closes it, exits 0, all inside TimeoutStopSec.
+  wait_active || true
+  in_ctr "(timeout 60 python3 /root/helpers.py hold 8890 /root/client $ECHO_PORT 50 >/dev/null 2>&1 &) ; sleep 1"
+  local t0=$SECONDS
+  in_ctr 'systemctl stop godoxy-agent' || true
+  show=$(in_ctr 'systemctl show godoxy-agent -p ActiveState -p Result -p ExecMainCode -p ExecMainStatus')
+  local took=$((SECONDS - t0))
+  if grep -q '^ActiveState=inactive' <<<"$show" && grep -q '^Result=success' <<<"$show" &&
+     grep -q '^ExecMainStatus=0' <<<"$show" &&
+     in_ctr 'journalctl -u godoxy-agent --no-pager -o cat' | grep -q 'grace period over'; then
+    pass "systemd: systemctl stop with a tunnel open: drained for the grace period, exit 0, result success, ${took}s"
+  else
+    fail "systemd: stop: $(tr '\n' ' ' <<<"$show") after ${took}s"
+    in_ctr 'journalctl -u godoxy-agent --no-pager -o cat -n 8'
+  fi
+  local errors
+  errors=$(in_ctr 'journalctl -u godoxy-agent --no-pager -o cat' | grep -E ' (ERROR|WARN) ' || true)
+  if grep -q ' ERROR ' <<<"$errors"; then
+    fail "systemd: the agent logged errors: $errors"
+  else
+    pass "systemd: no ERROR lines from the agent in the journal${errors:+ (warnings: $(wc -l <<<"$errors"))}"
+    [ -n "$errors" ] && sed 's/^/  /' <<<"$errors" | head -5
+  fi
+}
+
+BOOTED=""
+if [ "${GDA_SKIP_BOOT:-}" = 1 ]; then
+  echo; echo "SKIP: the real-systemd stage (GDA_SKIP_BOOT=1)"
+else
+  boot_stage
 fi
 
 echo
