@@ -391,6 +391,7 @@ fn run(explicit: Option<&Path>) -> ExitCode {
     for notice in &config.notices {
         info!("{notice}");
     }
+    raise_fd_limit(&config);
     match certs::generate_if_missing(&config.tls) {
         Ok(Some(set)) => print_trial_help(&config, &set.dir),
         Ok(None) => {}
@@ -422,6 +423,24 @@ fn run(explicit: Option<&Path>) -> ExitCode {
             error!("{err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Each TCP tunnel takes two descriptors and each UDP session one or two: raise the soft
+/// open-file limit (often 1024) toward what the configured caps need, within the hard limit.
+fn raise_fd_limit(config: &Config) {
+    let needed = 2 * config.stream.max_connections.get() as u64
+        + 2 * config.stream.max_udp_sessions.get() as u64
+        + 64;
+    match rlimit::increase_nofile_limit(needed) {
+        Ok(got) if got < needed => warn!(
+            limit = got,
+            needed,
+            "the open-file limit is below what max_connections and max_udp_sessions need; \
+             beyond it connections fail to be accepted (raise LimitNOFILE / ulimit -n)"
+        ),
+        Ok(_) => {}
+        Err(err) => warn!("raising the open-file limit: {err}"),
     }
 }
 
