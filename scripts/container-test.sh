@@ -77,7 +77,8 @@ echo "podman $(podman --version | awk '{print $3}'), $(runc --version | head -1)
 # ---------------------------------------------------------------------------------------------
 step "static musl binary"
 start=$SECONDS
-(cd "$ROOT" && timeout 900 cargo build --release --locked --bin godoxy-agent --target "$TARGET")
+(cd "$ROOT" && timeout 900 cargo build --release --locked --bin godoxy-agent --target "$TARGET") ||
+  die "cargo build --release --target $TARGET"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$TARGET/release/godoxy-agent"
 [ -x "$BIN" ] || die "no binary at $BIN"
 echo "built in $((SECONDS - start))s: $BIN ($(stat -c %s "$BIN") bytes)"

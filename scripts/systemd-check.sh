@@ -59,7 +59,9 @@ fi
 echo "$(systemd-analyze --version | head -1); PID 1 is '$(ps -o comm= -p 1)'"
 
 step "release binary"
-(cd "$ROOT" && timeout 900 cargo build --release --locked --bin godoxy-agent 2>&1 | tail -1)
+(cd "$ROOT" && timeout 900 cargo build --release --locked --bin godoxy-agent) >"$WORK/build.log" 2>&1 ||
+  { tail -20 "$WORK/build.log"; die "cargo build --release"; }
+tail -1 "$WORK/build.log"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/godoxy-agent"
 [ -x "$BIN" ] || die "no binary at $BIN"
 
