@@ -38,11 +38,11 @@ COPY --from=builder --chmod=0755 /godoxy-agent /godoxy-agent
 EXPOSE 8890/tcp 8890/udp
 # Unprivileged; the image has no /etc/passwd, so the id is numeric.
 USER 65532:65532
-# The probe is what a GoDoxy server does: a TCP and a UDP health probe over mutual TLS. It
-# needs a client certificate set (ca.pem client.pem client.key) mounted at /certs; without
-# one the container reports unhealthy (disable the check, or see docs/DEPLOY.md). The port
-# is the default 8890: with another AGENT_PORT, override the health command.
+# `health` reads the same environment as `run` (AGENT_PORT, AGENT_CA_CERT): both listeners
+# must answer a handshake on 127.0.0.1 with a certificate from that CA. It needs no client
+# certificate, so none has to be shipped to the agent's host. (With a client set mounted at
+# /certs, `probe --server 127.0.0.1:8890 --all --certs /certs` runs GoDoxy's own probes.)
 HEALTHCHECK --interval=30s --timeout=10s --start-period=5s --retries=3 \
-    CMD ["/godoxy-agent", "probe", "--server", "127.0.0.1:8890", "--all", "--certs", "/certs", "--timeout", "3s"]
+    CMD ["/godoxy-agent", "health", "--timeout", "3s"]
 ENTRYPOINT ["/godoxy-agent"]
 CMD ["run"]

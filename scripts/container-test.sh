@@ -87,8 +87,8 @@ if readelf -d "$BIN" 2>/dev/null | grep -q NEEDED; then
 else
   pass "binary is static (no NEEDED entries)"
 fi
-HAS_PROBE=0
-"$BIN" probe --help >/dev/null 2>&1 && HAS_PROBE=1
+HAS_HEALTH=0
+"$BIN" health --help >/dev/null 2>&1 && HAS_HEALTH=1
 
 # ---------------------------------------------------------------------------------------------
 step "image (final stage FROM scratch, builder stage replaced by a local folder)"
@@ -107,7 +107,7 @@ echo "image size: $size bytes ($(awk "BEGIN {printf \"%.1f\", $size / 1048576}")
 user=$(podman image inspect --format '{{.Config.User}}' "$IMAGE")
 hc=$(podman image inspect --format '{{json .Config.Healthcheck}}' "$IMAGE")
 [ "$user" = "65532:65532" ] && pass "image USER is $user" || fail "image USER is '$user'"
-case "$hc" in *probe*) pass "image has a HEALTHCHECK: $hc" ;; *) fail "no HEALTHCHECK: $hc" ;; esac
+case "$hc" in *health*) pass "image has a HEALTHCHECK: $hc" ;; *) fail "no HEALTHCHECK: $hc" ;; esac
 
 # ---------------------------------------------------------------------------------------------
 step "certificates and test helpers"
@@ -115,11 +115,7 @@ step "certificates and test helpers"
 C="$WORK/certs"
 # Only GoDoxy's variables, exactly as godoxy.env has them (CA cert;CA key, cert;key).
 grep -E '^AGENT_(CA|SSL)_CERT=' "$C/godoxy.env" >"$WORK/agent.env"
-# The health check's client set, readable by the image's user.
-mkdir -p "$WORK/health-certs"
-cp "$C/ca.pem" "$C/client.pem" "$C/client.key" "$WORK/health-certs/"
-chown -R 65532:65532 "$WORK/health-certs"
-chmod 0500 "$WORK/health-certs"
+# No client certificate goes into the container: `health` needs none.
 
 cat >"$WORK/gda.py" <<'PY'
 """Echo servers, a TCP tunnel client and a DTLS record feeder for container-test.sh."""
@@ -244,8 +240,8 @@ check_agent() {
 # Runs the container's health check once (podman healthcheck run) and reports.
 check_health() {
   local ctr=$1 label=$2 out
-  if [ "$HAS_PROBE" != 1 ]; then
-    echo "SKIP: $label: HEALTHCHECK: this build has no 'probe' command yet"
+  if [ "$HAS_HEALTH" != 1 ]; then
+    fail "$label: HEALTHCHECK: this build has no 'health' command"
     return
   fi
   if out=$("${PODMAN[@]}" healthcheck run "$ctr" 2>&1); then
@@ -294,7 +290,7 @@ step "podman run: published ports $PORT/tcp+udp, GoDoxy variables only"
   --env-file "$WORK/agent.env" \
   -e AGENT_NAME=container-test -e AGENT_PORT=8890 -e RUNTIME=podman \
   -e DOCKER_SOCKET=/var/run/docker.sock \
-  -v "$WORK/health-certs:/certs:ro" --read-only --cap-drop ALL \
+  --read-only --cap-drop ALL \
   --health-interval=disable --stop-timeout 30 \
   "$IMAGE" >/dev/null 2>"$WORK/run.err" || { cat "$WORK/run.err"; die "podman run"; }
 wait_port 127.0.0.1 "$PORT" || { podman logs "$CTR"; die "agent port $PORT never opened"; }
@@ -325,7 +321,6 @@ check_stop "$CTR" run "${PODMAN[*]} stop -t 30 $CTR"
 step "podman-compose: compose.yaml as shipped, host networking, port $CPORT"
 mkdir -p "$WORK/compose"
 cp "$ROOT/compose.yaml" "$WORK/compose/compose.yaml"
-mv "$WORK/health-certs" "$WORK/compose/health-certs"
 {
   echo "GODOXY_AGENT_IMAGE=$IMAGE"
   echo "AGENT_NAME=compose-test"

@@ -136,32 +136,39 @@ impl ClientTls {
         local: Option<SocketAddr>,
         handshake_timeout: Duration,
     ) -> anyhow::Result<UdpTunnel> {
-        let local = local.unwrap_or_else(|| match server {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        });
-        let socket = UdpSocket::bind(local)
+        let (conn, socket) = self
+            .handshake_dtls(server, local, handshake_timeout)
             .await
-            .with_context(|| format!("binding {local}"))?;
-        socket
-            .connect(server)
-            .await
-            .with_context(|| format!("connecting to {server}"))?;
+            .map_err(|e| anyhow!("DTLS handshake with {server}: {e}"))?;
         let local = socket.local_addr()?;
-        let socket = Arc::new(socket);
-        let transport: Arc<dyn webrtc_util::Conn + Send + Sync> = socket.clone();
-        let conn = tokio::time::timeout(
-            handshake_timeout,
-            DTLSConn::new(transport, self.dtls.clone(), true, None),
-        )
-        .await
-        .map_err(|_| anyhow!("DTLS handshake with {server} timed out after {handshake_timeout:?}"))?
-        .map_err(|e| anyhow!("DTLS handshake with {server} failed: {e}"))?;
         Ok(UdpTunnel {
             conn,
             local,
             socket,
         })
+    }
+
+    async fn handshake_dtls(
+        &self,
+        server: SocketAddr,
+        local: Option<SocketAddr>,
+        within: Duration,
+    ) -> Result<(DTLSConn, Arc<UdpSocket>), DtlsConnectError> {
+        let local = local.unwrap_or_else(|| match server {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        });
+        let socket = UdpSocket::bind(local).await?;
+        socket.connect(server).await?;
+        let socket = Arc::new(socket);
+        let transport: Arc<dyn webrtc_util::Conn + Send + Sync> = socket.clone();
+        let conn = tokio::time::timeout(
+            within,
+            DTLSConn::new(transport, self.dtls.clone(), true, None),
+        )
+        .await
+        .map_err(|_| DtlsConnectError::TimedOut(within))??;
+        Ok((conn, socket))
     }
 
     /// TCP health probe: a stream tunnel with the probe flag, which the agent must close
@@ -222,6 +229,53 @@ impl ClientTls {
         Ok(started.elapsed())
     }
 
+    /// Liveness of the TLS port without a client certificate (a container health check needs
+    /// none on the agent's host): the server must present a certificate from our CA and then
+    /// either refuse us with an alert (client certificate required) or answer HTTP.
+    pub async fn check_tls_alive(
+        &self,
+        server: SocketAddr,
+        within: Duration,
+    ) -> anyhow::Result<String> {
+        tokio::time::timeout(within, async {
+            let mut tls = match self.connect_http(server).await {
+                Ok(tls) => tls,
+                Err(e) => return server_alert(&e).ok_or_else(|| anyhow!("TLS: {e}")),
+            };
+            // TLS 1.3: the client's side completes first; the verdict comes with the reply.
+            tls.write_all(b"GET /godoxy/agent/version HTTP/1.1\r\nHost: godoxy.agent\r\nConnection: close\r\n\r\n")
+                .await?;
+            let mut reply = [0u8; 12];
+            match tls.read(&mut reply).await {
+                Ok(n) if reply[..n].starts_with(b"HTTP/1.1 200") => {
+                    Ok("answered HTTP (client certificates are not required)".to_owned())
+                }
+                Ok(n) => bail!("unexpected reply {:?}", String::from_utf8_lossy(&reply[..n])),
+                Err(e) => server_alert(&e).ok_or_else(|| anyhow!("TLS: {e}")),
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("timed out after {within:?}"))?
+    }
+
+    /// As [`ClientTls::check_tls_alive`] for the DTLS port.
+    pub async fn check_dtls_alive(
+        &self,
+        server: SocketAddr,
+        within: Duration,
+    ) -> anyhow::Result<String> {
+        match self.handshake_dtls(server, None, within).await {
+            Ok((conn, _socket)) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
+                Ok("handshake completed (client certificates are not required)".to_owned())
+            }
+            Err(DtlsConnectError::Dtls(webrtc_dtls::Error::ErrAlertFatalOrClose)) => {
+                Ok("refused us with an alert: client certificate required".to_owned())
+            }
+            Err(e) => Err(anyhow!("DTLS: {e}")),
+        }
+    }
+
     /// `GET /godoxy/agent/info`, as the GoDoxy server does when an agent is added.
     pub async fn fetch_info(
         &self,
@@ -265,6 +319,27 @@ impl ClientTls {
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(SERVER_NAME).map_err(io::Error::other)?;
         connector.connect(name, tcp).await
+    }
+}
+
+/// Why a DTLS handshake failed.
+#[derive(Debug, thiserror::Error)]
+enum DtlsConnectError {
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("timed out after {0:?}")]
+    TimedOut(Duration),
+    #[error("failed: {0}")]
+    Dtls(#[from] webrtc_dtls::Error),
+}
+
+/// An alert the server sent us: proof that it is up and judged our (absent) certificate.
+fn server_alert(err: &io::Error) -> Option<String> {
+    match err.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(alert) => Some(format!(
+            "refused us with an alert: {alert:?} (client certificate required)"
+        )),
+        _ => None,
     }
 }
 

@@ -67,6 +67,17 @@ enum Command {
         #[command(flatten)]
         certs: CertArgs,
     },
+    /// Health check for the agent's own host or container, needing no client certificate:
+    /// each listener must answer a handshake with a certificate from the configured CA.
+    /// Reads the same configuration and environment as `run`.
+    Health {
+        /// Configuration file [default: as for `run`].
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Deadline for each check.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// What a GoDoxy server checks when an agent is added: /info, then TCP and UDP probes.
     Info {
         /// The agent, HOST:PORT.
@@ -179,6 +190,10 @@ fn main() -> ExitCode {
             timeout,
             certs,
         } => client_command(info(server, json, timeout, certs)),
+        Command::Health { config, timeout } => match load_config(config.as_deref()) {
+            Ok(config) => client_command(health(config, timeout)),
+            Err(code) => code,
+        },
         Command::Forward {
             server,
             listen,
@@ -300,6 +315,41 @@ async fn info(
     Ok(true)
 }
 
+/// The address to reach a listener bound to `addr` from the same host.
+fn local_target(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+async fn health(config: Config, timeout: Duration) -> anyhow::Result<bool> {
+    let ca = godoxy_agent::tls::read_pem(&config.tls.ca, "tls.ca")?;
+    let client = ClientTls::from_pem(&ca, None)?;
+    let tcp = local_target(config.listen.tcp);
+    let mut all_ok = report_alive("tcp", client.check_tls_alive(tcp, timeout).await, tcp);
+    if let Some(udp) = config.listen.udp {
+        let udp = local_target(udp);
+        all_ok &= report_alive("udp", client.check_dtls_alive(udp, timeout).await, udp);
+    }
+    Ok(all_ok)
+}
+
+fn report_alive(transport: &str, result: anyhow::Result<String>, addr: SocketAddr) -> bool {
+    match result {
+        Ok(how) => {
+            println!("{transport}  ok    {addr}: {how}");
+            true
+        }
+        Err(err) => {
+            println!("{transport}  FAIL  {addr}: {err:#}");
+            false
+        }
+    }
+}
+
 /// HOST:PORT or [IPv6]:PORT into the header's host and port fields.
 fn target_header(target: &str) -> anyhow::Result<TunnelHeader> {
     let (host, port) = target
@@ -348,14 +398,22 @@ async fn forward(
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    // webrtc-dtls warns about every extension it does not know (openssl's clients send
+    // several): keep its chatter out unless asked for with RUST_LOG.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,webrtc_dtls=error,webrtc_util=error")
+    });
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    // Under systemd the journal stamps every line already.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        logs.without_time().init();
+    } else {
+        logs.init();
+    }
 }
 
 /// The explicit path, else the default path when that file exists, else none (defaults).

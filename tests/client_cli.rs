@@ -300,3 +300,33 @@ async fn udp_forward_echoes() {
     assert_eq!(daemon.stat(|s| &s.udp_handshakes), 1);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_needs_no_client_certificate() {
+    let pki = TestPki::new();
+    let port = free_port_pair().await;
+    let text = TestDaemon::config_text_with_udp(&pki, &format!("127.0.0.1:{port}"), "").replace(
+        "tcp = \"127.0.0.1:0\"",
+        &format!("tcp = \"127.0.0.1:{port}\""),
+    );
+    let file = pki.path("agent.toml");
+    std::fs::write(&file, &text).unwrap();
+    let config = godoxy_agent::Config::from_toml(&text, None, |_| None).unwrap();
+    let daemon = TestDaemon::start_config(config).await;
+    let file = file.display().to_string();
+    let (code, out, err) = run(&["health", "--config", &file]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("tcp  ok ") && out.contains("udp  ok "),
+        "{out}"
+    );
+    assert!(out.contains("client certificate required"), "{out}");
+    assert_eq!(daemon.dials(), 0);
+    daemon.stop().await;
+    let (code, out, _) = run(&["health", "--config", &file, "--timeout", "1s"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("tcp  FAIL") && out.contains("udp  FAIL"),
+        "{out}"
+    );
+}

@@ -62,6 +62,9 @@ impl fmt::Display for End {
             Self::DialFailed(e) => write!(f, "dial failed: {e}"),
             Self::DialTimeout => f.write_str("dial timed out"),
             Self::Io(e) if e.kind() == io::ErrorKind::ConnectionReset => write!(f, "reset: {e}"),
+            Self::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                f.write_str("eof (the client closed without close_notify)")
+            }
             Self::Io(e) => write!(f, "error: {e}"),
             Self::Shutdown => f.write_str("agent shutting down"),
         }
@@ -71,7 +74,12 @@ impl fmt::Display for End {
 impl End {
     /// Whether this end is the normal outcome of a well-behaved client.
     pub fn is_clean(&self) -> bool {
-        matches!(self, Self::Eof | Self::Probe)
+        match self {
+            Self::Eof | Self::Probe => true,
+            // Many TLS clients close the socket without close_notify after a complete exchange.
+            Self::Io(e) => e.kind() == io::ErrorKind::UnexpectedEof,
+            _ => false,
+        }
     }
 }
 
