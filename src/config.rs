@@ -170,7 +170,7 @@ impl Default for StreamConfig {
             udp_idle_timeout: Duration::from_secs(120),
             max_udp_sessions: NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN),
             max_udp_handshakes: NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
-            max_connections: NonZeroUsize::new(8192).unwrap_or(NonZeroUsize::MIN),
+            max_connections: NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN),
             shutdown_grace: Duration::from_secs(10),
         }
     }

@@ -15,6 +15,9 @@ use godoxy_agent::tunnel::header::TunnelHeader;
 use godoxy_agent::{Daemon, certs};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 #[derive(Parser)]
 #[command(
@@ -400,19 +403,25 @@ async fn forward(
 fn init_logging() {
     // webrtc-dtls warns about every extension it does not know (openssl's clients send
     // several): keep its chatter out unless asked for with RUST_LOG.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,webrtc_dtls=error,webrtc_util=error")
-    });
+    // `Targets` reads RUST_LOG's "level,target=level" form without a regex engine.
+    const DEFAULT: &str = "info,webrtc_dtls=error,webrtc_util=error";
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) => spec.parse::<Targets>().unwrap_or_else(|err| {
+            eprintln!("godoxy-agent: ignoring RUST_LOG={spec:?} ({err}); using {DEFAULT:?}");
+            DEFAULT.parse().unwrap_or_default()
+        }),
+        Err(_) => DEFAULT.parse().unwrap_or_default(),
+    };
     let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(tracing::Level::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // Under systemd the journal stamps every line already.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        logs.without_time().init();
+        logs.without_time().finish().with(filter).init();
     } else {
-        logs.init();
+        logs.finish().with(filter).init();
     }
 }
 
@@ -484,11 +493,12 @@ fn run(explicit: Option<&Path>) -> ExitCode {
     }
 }
 
-/// Each TCP tunnel takes two descriptors and each UDP session one or two: raise the soft
-/// open-file limit (often 1024) toward what the configured caps need, within the hard limit.
+/// Each TCP tunnel takes two descriptors and each UDP session one (its destination socket;
+/// the DTLS socket is shared): raise the soft open-file limit (often 1024) toward what the
+/// configured caps need, within the hard limit.
 fn raise_fd_limit(config: &Config) {
     let needed = 2 * config.stream.max_connections.get() as u64
-        + 2 * config.stream.max_udp_sessions.get() as u64
+        + config.stream.max_udp_sessions.get() as u64
         + 64;
     match rlimit::increase_nofile_limit(needed) {
         Ok(got) if got < needed => warn!(

@@ -401,7 +401,7 @@ async fn check_config_prints_the_example_without_key_material() {
         "require_client_cert = true",
         "generate_if_missing = true",
         "header_timeout = \"10s\"",
-        "max_connections = 8192",
+        "max_connections = 4096",
     ] {
         assert!(
             stdout.lines().any(|l| l == line),

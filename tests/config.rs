@@ -491,7 +491,7 @@ fn example_config_loads_with_the_documented_values() {
     assert_eq!(s.udp_idle_timeout, Duration::from_secs(120));
     assert_eq!(s.max_udp_sessions.get(), 4096);
     assert_eq!(s.max_udp_handshakes.get(), 256);
-    assert_eq!(s.max_connections.get(), 8192);
+    assert_eq!(s.max_connections.get(), 4096);
     assert_eq!(s.shutdown_grace, Duration::from_secs(10));
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);
 }
