@@ -35,6 +35,7 @@ use clap::{Parser, ValueEnum};
 use godoxy_agent::certs::CertSet;
 use godoxy_agent::client::ClientTls;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::runtime::Runtime;
 use tokio::task::JoinSet;
 
@@ -172,6 +173,44 @@ impl Agent {
     }
 }
 
+/// The agent's memory and fds at one moment.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+struct MemReading {
+    fds: usize,
+    rss: u64,
+    anon: u64,
+    file: u64,
+}
+
+impl MemReading {
+    fn of(agent: &Agent) -> Self {
+        let pid = agent.pid();
+        Self {
+            fds: agent.fds(),
+            rss: procs::rss_kb(pid),
+            anon: procs::status_kb(pid, "RssAnon:").unwrap_or(0),
+            file: procs::status_kb(pid, "RssFile:").unwrap_or(0),
+        }
+    }
+
+    /// kB of RSS per item over `base`.
+    fn per(&self, base: &Self, items: usize) -> f64 {
+        (self.rss as f64 - base.rss as f64) / items.max(1) as f64
+    }
+}
+
+/// What one memory round saw.
+struct MemRound {
+    rows: Vec<(String, MemReading, String)>,
+    idle: MemReading,
+    per_tcp: f64,
+    per_tcp_used: f64,
+    per_udp: f64,
+    per_udp_used: f64,
+    echo_seen: usize,
+    notes: Vec<String>,
+}
+
 struct Bench {
     sizes: Sizes,
     dir: TempDir,
@@ -210,6 +249,9 @@ fn run(args: Args) -> Result<bool> {
     } else {
         None
     };
+    // 1000 open tunnels are 2000+ fds here (client and echo sides) and in the agent, which
+    // inherits our limit: raise the soft limit toward the hard one.
+    let _ = rlimit::increase_nofile_limit(8192.max(4 * sizes.mem_tcp as u64 + 1024));
     if let Some(limit) = procs::nofile_limit()
         && limit < 4 * sizes.mem_tcp as u64 + 256
     {
@@ -244,10 +286,30 @@ fn run(args: Args) -> Result<bool> {
     if let Some((socat, stunnel)) = &tools {
         bench.start_proxies(socat, stunnel)?;
     }
-    bench
-        .json
-        .insert("meta".into(), bench.meta(&args, tools.as_ref()));
+    // Other load on the machine skews every figure: wait (up to 30 s) for a quiet second.
+    let mut background = 100.0;
+    for _ in 0..30 {
+        let (b0, t0) = procs::machine_ticks();
+        std::thread::sleep(Duration::from_secs(1));
+        let (b1, t1) = procs::machine_ticks();
+        background = (b1 - b0) as f64 / (t1 - t0).max(1) as f64 * 100.0;
+        if background <= 10.0 {
+            break;
+        }
+        eprintln!("bench: the machine is {background:.0}% busy before the run; waiting");
+    }
+    let mut meta = bench.meta(&args, tools.as_ref());
+    meta["background_busy_pct"] = json!(background);
+    bench.json.insert("meta".into(), meta);
     println!("{}", bench.header());
+    println!(
+        "machine busy before the run: {background:.0}% of all CPUs{}",
+        if background > 10.0 {
+            " (WARNING: other load will skew the figures)"
+        } else {
+            ""
+        }
+    );
 
     let started = Instant::now();
     let mut errors = BTreeMap::new();
@@ -314,7 +376,22 @@ fn agent_binary(args: &Args) -> Result<PathBuf> {
             cmd.arg("--release");
         }
         cmd.arg("--manifest-path").arg(&manifest);
-        eprintln!("bench: building the agent ({cmd:?})");
+        // `cargo run` gives us its package's variables; build scripts (ring's) rerun when they
+        // differ, so the nested build and the next `cargo run` would rebuild each other.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || k.starts_with("CARGO_BIN_")
+                || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "OUT_DIR"].contains(&k.as_ref())
+            {
+                cmd.env_remove(&key);
+            }
+        }
+        eprintln!(
+            "bench: building the agent: cargo build --bin godoxy-agent{}",
+            if release { " --release" } else { "" }
+        );
         let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
         if !ok {
             if bin.exists() {
@@ -356,9 +433,9 @@ fn agent_config(port: u16) -> String {
          header_timeout = \"10s\"\n\
          dial_timeout = \"10s\"\n\
          udp_idle_timeout = \"600s\"\n\
-         max_udp_sessions = 8192\n\
-         max_udp_handshakes = 1024\n\
-         max_connections = 16384\n\
+         max_udp_sessions = 1024\n\
+         max_udp_handshakes = 256\n\
+         max_connections = 4096\n\
          shutdown_grace = \"1s\"\n"
     )
 }
@@ -636,6 +713,7 @@ impl Bench {
                 let runs = &results[&(ci, t.name())];
                 let mbps = cpu_summary(runs, |c| total / c.wall_s / 1e6);
                 let proxy = cpu_summary(runs, |c| c.proxy_s);
+                let sys = cpu_summary(runs, |c| c.proxy_sys_s / c.proxy_s.max(1e-9) * 100.0);
                 let client = cpu_summary(runs, |c| c.client_s);
                 let echo = cpu_summary(runs, |c| c.echo_s);
                 let machine = cpu_summary(runs, |c| c.machine_s / c.wall_s * 100.0);
@@ -647,13 +725,19 @@ impl Bench {
                     } else {
                         show(proxy.as_ref(), 2)
                     },
+                    if t == Target::Direct {
+                        "-".to_owned()
+                    } else {
+                        show(sys.as_ref(), 0)
+                    },
                     show(client.as_ref(), 2),
                     show(echo.as_ref(), 2),
                     show(machine.as_ref(), 0),
                 ]);
                 case.insert(
                     t.name().into(),
-                    json!({"mb_per_s": mbps, "proxy_cpu_s": proxy, "client_cpu_s": client,
+                    json!({"mb_per_s": mbps, "proxy_cpu_s": proxy, "proxy_kernel_pct": sys,
+                           "client_cpu_s": client,
                            "echo_cpu_s": echo, "machine_busy_pct": machine, "runs": runs}),
                 );
             }
@@ -667,6 +751,7 @@ impl Bench {
                     "target",
                     "MB/s (each way)",
                     "proxy CPU s",
+                    "proxy kernel %",
                     "client CPU s",
                     "echo CPU s",
                     "machine busy %",
@@ -733,6 +818,28 @@ impl Bench {
             out,
             "TLS: agent {}, stunnel {}",
             suites["agent"], suites["stunnel"]
+        );
+        // The echo thread must not be what limits a proxy's run (direct runs are the client
+        // and the echo alone: there it is expected to be busy).
+        let echo_busy = |direct: bool| {
+            results
+                .iter()
+                .filter(|((_, name), _)| (*name == Target::Direct.name()) == direct)
+                .flat_map(|(_, runs)| runs)
+                .map(|c| c.echo_s / c.wall_s * 100.0)
+                .fold(0.0, f64::max)
+        };
+        let proxied = echo_busy(false);
+        let _ = writeln!(
+            out,
+            "echo thread busy at most {proxied:.0}% of a proxied run's wall time{} ({:.0}% in \
+             direct runs)",
+            if proxied > 80.0 {
+                " (WARNING: the echo may have limited a run)"
+            } else {
+                ", not the bottleneck"
+            },
+            echo_busy(true)
         );
         if let Some(note) = agent.log_note() {
             let _ = writeln!(out, "{note}");
@@ -835,6 +942,7 @@ impl Bench {
         let idle = (agent.fds(), agent.rss_kb());
         let (total, parallel, runs) = (self.sizes.tps, self.sizes.tps_parallel, self.sizes.runs);
         let mut results: BTreeMap<&str, Vec<load::Tps>> = BTreeMap::new();
+        let mut rounds = Vec::new();
         for round in 0..runs {
             for t in PROXIES {
                 self.ensure_running(&mut agent)?;
@@ -852,6 +960,9 @@ impl Bench {
                 );
                 results.entry(t.name()).or_default().push(r);
             }
+            // The agent was idle while stunnel and socat ran: growth from round to round
+            // would be a leak, a step after the first round is the allocator keeping memory.
+            rounds.push((agent.fds(), agent.rss_kb()));
         }
         // The agent's tunnels are gone once every client saw EOF; give it a moment.
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -873,12 +984,18 @@ impl Bench {
                     .collect::<Vec<_>>(),
             );
             let client = Summary::of(&r.iter().map(|x| x.cpu.client_s).collect::<Vec<_>>());
+            let sys = Summary::of(
+                &r.iter()
+                    .map(|x| x.cpu.proxy_sys_s / x.cpu.proxy_s.max(1e-9) * 100.0)
+                    .collect::<Vec<_>>(),
+            );
             let failed: usize = r.iter().map(|x| x.failed).sum();
             let unclean: usize = r.iter().map(|x| x.unclean_close).sum();
             rows.push(vec![
                 t.name().to_owned(),
                 show(per_s.as_ref(), 0),
                 show(cpu_ms.as_ref(), 3),
+                show(sys.as_ref(), 0),
                 show(client.as_ref(), 2),
                 failed.to_string(),
                 unclean.to_string(),
@@ -886,6 +1003,7 @@ impl Bench {
             section.insert(
                 t.name().into(),
                 json!({"tunnels_per_s": per_s, "proxy_cpu_ms_per_tunnel": cpu_ms,
+                       "proxy_kernel_pct": sys,
                        "client_cpu_s": client, "failed": failed, "unclean_close": unclean,
                        "runs": r}),
             );
@@ -932,6 +1050,7 @@ impl Bench {
                     "target",
                     "tunnels/s",
                     "proxy CPU ms/tunnel",
+                    "proxy kernel %",
                     "client CPU s",
                     "failed",
                     "unclean close"
@@ -941,14 +1060,16 @@ impl Bench {
         );
         println!(
             "agent: fresh fds {} RSS {} kB; idle (after warm-up) fds {} RSS {} kB; after \
-             {} tunnels fds {} RSS {} kB; peak RSS (VmHWM) {hwm} kB",
+             {} tunnels fds {} RSS {} kB; peak RSS (VmHWM) {hwm} kB; after each round \
+             (fds, RSS kB): {:?}",
             fresh.0,
             fresh.1,
             idle.0,
             idle.1,
             runs * total,
             after.0,
-            after.1
+            after.1,
+            rounds
         );
         for c in checks {
             println!("{}", c.line());
@@ -961,7 +1082,9 @@ impl Bench {
             "agent".into(),
             json!({"fresh": {"fds": fresh.0, "rss_kb": fresh.1},
                    "idle": {"fds": idle.0, "rss_kb": idle.1},
-                   "after": {"fds": after.0, "rss_kb": after.1}, "peak_rss_kb": hwm}),
+                   "after": {"fds": after.0, "rss_kb": after.1}, "peak_rss_kb": hwm,
+                   "after_each_round": rounds.iter()
+                       .map(|r| json!({"fds": r.0, "rss_kb": r.1})).collect::<Vec<_>>()}),
         );
         self.json.insert("tps".into(), Value::Object(section));
         Ok(())
@@ -1023,7 +1146,9 @@ impl Bench {
                 let mbps = f(&|x| x.mb_per_s);
                 let p50 = f(&|x| x.rtt_p50_us);
                 let cpu_us = f(&|x| x.cpu.proxy_s / x.received.max(1) as f64 * 1e6);
-                let client = f(&|x| x.cpu.client_s);
+                let sys = f(&|x| x.cpu.proxy_sys_s / x.cpu.proxy_s.max(1e-9) * 100.0);
+                let client = f(&|x| x.cpu.client_s / x.received.max(1) as f64 * 1e6);
+                let machine = f(&|x| x.cpu.machine_s / x.cpu.wall_s * 100.0);
                 let lost: u64 = r.iter().map(|x| x.lost).sum();
                 let stalls: u64 = r.iter().map(|x| x.stalls).sum();
                 let kernel: u64 = r.iter().map(|x| x.kernel_udp_errors[1]).sum();
@@ -1037,16 +1162,23 @@ impl Bench {
                     if t == Target::Direct {
                         "-".to_owned()
                     } else {
-                        show(cpu_us.as_ref(), 2)
+                        show(cpu_us.as_ref(), 1)
                     },
-                    show(client.as_ref(), 2),
+                    if t == Target::Direct {
+                        "-".to_owned()
+                    } else {
+                        show(sys.as_ref(), 0)
+                    },
+                    show(client.as_ref(), 1),
+                    show(machine.as_ref(), 0),
                     format!("{stalls}/{kernel}"),
                 ]);
                 section.insert(
                     format!("{}_{count}", t.name()),
                     json!({"sessions": count, "datagrams_per_session": per,
                            "datagrams_per_s": dps, "mb_per_s": mbps, "rtt_p50_us": p50,
-                           "agent_cpu_us_per_datagram": cpu_us, "client_cpu_s": client,
+                           "agent_cpu_us_per_datagram": cpu_us, "agent_kernel_pct": sys,
+                           "client_cpu_us_per_datagram": client, "machine_busy_pct": machine,
                            "lost_all_runs": lost, "runs": r}),
                 );
             }
@@ -1079,7 +1211,8 @@ impl Bench {
         ];
         println!(
             "\n== UDP, {}-byte datagrams, {} in flight per session; {sessions} sessions \
-             each send {n} too; RTT at full window\n{}",
+             each send {n} too; RTT at full window; CPU per echoed datagram; stalls = window \
+             full for 200 ms, rcvbuf drops = kernel UDP RcvbufErrors (machine-wide)\n{}",
             udp::PAYLOAD,
             udp::WINDOW,
             table(
@@ -1090,9 +1223,11 @@ impl Bench {
                     "MB/s",
                     "lost (all runs)",
                     "RTT p50 us",
-                    "agent CPU us/datagram",
-                    "client CPU s",
-                    "stalls/kernel rcvbuf drops"
+                    "agent CPU us/dgram",
+                    "agent kernel %",
+                    "client CPU us/dgram",
+                    "machine busy %",
+                    "stalls/rcvbuf drops"
                 ],
                 &rows
             )
@@ -1108,18 +1243,29 @@ impl Bench {
         Ok(())
     }
 
-    fn section_mem(&mut self) -> Result<()> {
-        let size = fs::metadata(&self.agent_bin)?.len();
+    /// One memory round: a fresh agent with idle TCP tunnels, another with UDP sessions.
+    fn mem_round(&mut self) -> Result<MemRound> {
         let (n_tcp, n_udp) = (self.sizes.mem_tcp, self.sizes.mem_udp);
+        let settle = || std::thread::sleep(Duration::from_millis(500));
+        // Waits (bounded) until the agent holds at least `want` fds.
+        let wait_fds = |agent: &Agent, want: usize| {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while agent.fds() < want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let mut rows: Vec<(String, MemReading, String)> = Vec::new();
 
         // TCP: a fresh agent, idle, then n idle tunnels (header sent, no payload).
         let agent = self.start_agent()?;
-        std::thread::sleep(Duration::from_millis(500));
-        let idle = (agent.fds(), agent.rss_kb());
+        settle();
+        let idle = MemReading::of(&agent);
+        rows.push(("fresh agent, idle".into(), idle, String::new()));
         let ep = Arc::new(self.endpoints(&agent));
         self.warm_up(&ep, &[Target::Agent])?;
-        std::thread::sleep(Duration::from_millis(300));
-        let base = (agent.fds(), agent.rss_kb());
+        settle();
+        let base = MemReading::of(&agent);
+        rows.push(("after one tunnel (base)".into(), base, String::new()));
         let e = ep.clone();
         let streams = self.block(async move {
             open_many(n_tcp, 8, move || {
@@ -1129,23 +1275,59 @@ impl Bench {
             .await
         })??;
         // Each tunnel is 2 fds in the agent (client TLS, echo side) once dialed.
-        let want = base.0 + 2 * n_tcp;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while agent.fds() < want && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        let open = (agent.fds(), agent.rss_kb(), self.echo.active());
+        wait_fds(&agent, base.fds + 2 * n_tcp);
+        settle();
+        let open = MemReading::of(&agent);
+        let echo_seen = self.echo.active();
+        let per_tcp = open.per(&base, n_tcp);
+        rows.push((
+            format!("{n_tcp} idle TCP tunnels (header only)"),
+            open,
+            format!("{per_tcp:.1} kB/tunnel"),
+        ));
+        // The same tunnels after one 64-byte echo each: buffers the relay allocated but had
+        // not touched (calloc from fresh heap pages) become resident.
+        let streams = self.block(async move {
+            let mut set = JoinSet::new();
+            for mut s in streams {
+                set.spawn(async move {
+                    let msg = [7u8; 64];
+                    let mut back = [0u8; 64];
+                    let r = tokio::time::timeout(Duration::from_secs(10), async {
+                        s.write_all(&msg).await?;
+                        s.flush().await?;
+                        s.read_exact(&mut back).await
+                    })
+                    .await;
+                    (s, matches!(r, Ok(Ok(_))) && back == msg)
+                });
+            }
+            let mut out = Vec::new();
+            let mut bad = 0usize;
+            while let Some(Ok((s, ok))) = set.join_next().await {
+                bad += usize::from(!ok);
+                out.push(s);
+            }
+            (out, bad)
+        })?;
+        settle();
+        let used = MemReading::of(&agent);
+        let per_tcp_used = used.per(&base, n_tcp);
+        rows.push((
+            format!("same, after one 64-byte echo each ({} failed)", streams.1),
+            used,
+            format!("{per_tcp_used:.1} kB/tunnel"),
+        ));
         self.block(async move {
             let mut set = JoinSet::new();
-            for s in streams {
+            for s in streams.0 {
                 set.spawn(load::close(s));
             }
             while set.join_next().await.is_some() {}
         })?;
-        std::thread::sleep(Duration::from_millis(500));
-        let closed = (agent.fds(), agent.rss_kb());
-        let per_tcp = (open.1 as f64 - base.1 as f64) / n_tcp as f64;
+        settle();
+        let closed = MemReading::of(&agent);
+        rows.push(("TCP tunnels closed".into(), closed, String::new()));
         let tcp_note = agent.log_note();
         drop(agent);
 
@@ -1159,8 +1341,13 @@ impl Bench {
             d.close().await;
             anyhow::Ok(())
         })??;
-        std::thread::sleep(Duration::from_millis(500));
-        let ubase = (agent.fds(), agent.rss_kb());
+        settle();
+        let ubase = MemReading::of(&agent);
+        rows.push((
+            "fresh agent, after one UDP session (base)".into(),
+            ubase,
+            String::new(),
+        ));
         let e = ep.clone();
         let sessions = self.block(async move {
             open_many(n_udp, 8, move || {
@@ -1170,85 +1357,118 @@ impl Bench {
             .await
         })??;
         // One socket to the echo per session, once its header is in.
-        let want = ubase.0 + n_udp;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while agent.fds() < want && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        let uopen = (agent.fds(), agent.rss_kb());
+        wait_fds(&agent, ubase.fds + n_udp);
+        settle();
+        let uopen = MemReading::of(&agent);
+        let per_udp = uopen.per(&ubase, n_udp);
+        rows.push((
+            format!("{n_udp} idle UDP sessions (header only)"),
+            uopen,
+            format!("{per_udp:.1} kB/session"),
+        ));
+        let sessions = self.block(async move {
+            let mut set = JoinSet::new();
+            for d in sessions {
+                set.spawn(async move {
+                    let ok = d.warm_up().await.is_ok();
+                    (d, ok)
+                });
+            }
+            let mut out = Vec::new();
+            let mut bad = 0usize;
+            while let Some(Ok((d, ok))) = set.join_next().await {
+                bad += usize::from(!ok);
+                out.push(d);
+            }
+            (out, bad)
+        })?;
+        settle();
+        let uused = MemReading::of(&agent);
+        let per_udp_used = uused.per(&ubase, n_udp);
+        rows.push((
+            format!("same, after one datagram each ({} failed)", sessions.1),
+            uused,
+            format!("{per_udp_used:.1} kB/session"),
+        ));
         self.block(async move {
             let mut set = JoinSet::new();
-            for s in sessions {
-                set.spawn(s.close());
+            for d in sessions.0 {
+                set.spawn(d.close());
             }
             while set.join_next().await.is_some() {}
         })?;
-        std::thread::sleep(Duration::from_millis(500));
-        let uclosed = (agent.fds(), agent.rss_kb());
-        let per_udp = (uopen.1 as f64 - ubase.1 as f64) / n_udp as f64;
+        settle();
+        let uclosed = MemReading::of(&agent);
+        rows.push(("UDP sessions closed".into(), uclosed, String::new()));
         let udp_note = agent.log_note();
         drop(agent);
+        Ok(MemRound {
+            rows,
+            idle,
+            per_tcp,
+            per_tcp_used,
+            per_udp,
+            per_udp_used,
+            echo_seen,
+            notes: [tcp_note, udp_note].into_iter().flatten().collect(),
+        })
+    }
 
-        let rows = vec![
-            vec![
-                "fresh agent, idle".to_owned(),
-                idle.1.to_string(),
-                idle.0.to_string(),
-                "-".to_owned(),
-            ],
-            vec![
-                "after one tunnel (base)".to_owned(),
-                base.1.to_string(),
-                base.0.to_string(),
-                "-".to_owned(),
-            ],
-            vec![
-                format!("{n_tcp} idle TCP tunnels open"),
-                open.1.to_string(),
-                open.0.to_string(),
-                format!("{per_tcp:.1} kB/tunnel"),
-            ],
-            vec![
-                "TCP tunnels closed".to_owned(),
-                closed.1.to_string(),
-                closed.0.to_string(),
-                "-".to_owned(),
-            ],
-            vec![
-                "fresh agent, after one UDP session (base)".to_owned(),
-                ubase.1.to_string(),
-                ubase.0.to_string(),
-                "-".to_owned(),
-            ],
-            vec![
-                format!("{n_udp} idle UDP sessions open"),
-                uopen.1.to_string(),
-                uopen.0.to_string(),
-                format!("{per_udp:.1} kB/session"),
-            ],
-            vec![
-                "UDP sessions closed".to_owned(),
-                uclosed.1.to_string(),
-                uclosed.0.to_string(),
-                "-".to_owned(),
-            ],
-        ];
+    fn section_mem(&mut self) -> Result<()> {
+        let size = fs::metadata(&self.agent_bin)?.len();
+        let (n_tcp, n_udp, runs) = (self.sizes.mem_tcp, self.sizes.mem_udp, self.sizes.runs);
+        let mut rounds = Vec::with_capacity(runs);
+        for round in 0..runs {
+            let r = self.mem_round()?;
+            eprintln!(
+                "bench: mem round {}/{runs}: idle {} kB, {:.1} kB/TCP tunnel, {:.1} kB/UDP \
+                 session",
+                round + 1,
+                r.idle.rss,
+                r.per_tcp,
+                r.per_udp
+            );
+            rounds.push(r);
+        }
+        let sum = |f: &dyn Fn(&MemRound) -> f64| {
+            Summary::of(&rounds.iter().map(f).collect::<Vec<_>>()).expect("at least one round")
+        };
+        let idle = sum(&|r| r.idle.rss as f64);
+        let idle_anon = sum(&|r| r.idle.anon as f64);
+        let idle_file = sum(&|r| r.idle.file as f64);
+        let per_tcp = sum(&|r| r.per_tcp);
+        let per_tcp_used = sum(&|r| r.per_tcp_used);
+        let per_udp = sum(&|r| r.per_udp);
+        let per_udp_used = sum(&|r| r.per_udp_used);
+        let last = rounds.last().expect("at least one round");
         let checks = [
             Check::new(
                 "<= 16 kB RSS per idle TCP tunnel",
-                format!("{per_tcp:.1} kB ({n_tcp} tunnels)"),
-                per_tcp <= 16.0,
+                format!(
+                    "{} kB ({n_tcp} tunnels, header only; {} kB after one echo each)",
+                    per_tcp.show(1),
+                    per_tcp_used.show(1)
+                ),
+                per_tcp.median <= 16.0,
             ),
             Check::new(
                 "<= 24 kB RSS per idle UDP session",
-                format!("{per_udp:.1} kB ({n_udp} sessions)"),
-                per_udp <= 24.0,
+                format!(
+                    "{} kB ({n_udp} sessions, header only; {} kB after one datagram each)",
+                    per_udp.show(1),
+                    per_udp_used.show(1)
+                ),
+                per_udp.median <= 24.0,
             ),
             Check::new(
                 "<= 4 MB idle RSS",
-                format!("{} kB ({:.2} MiB)", idle.1, idle.1 as f64 / 1024.0),
-                idle.1 <= 4096,
+                format!(
+                    "{} kB (anon {} kB, file-backed {} kB)",
+                    idle.show(0),
+                    idle_anon.show(0),
+                    idle_file.show(0)
+                ),
+                idle.median <= 4096.0,
             ),
             Check::new(
                 "binary <= 6 MB",
@@ -1260,28 +1480,65 @@ impl Bench {
                 size as f64 <= 6.0 * MIB,
             ),
         ];
+        let table_rows: Vec<Vec<String>> = last
+            .rows
+            .iter()
+            .map(|(label, m, per)| {
+                vec![
+                    label.clone(),
+                    m.rss.to_string(),
+                    m.anon.to_string(),
+                    m.file.to_string(),
+                    m.fds.to_string(),
+                    if per.is_empty() {
+                        "-".into()
+                    } else {
+                        per.clone()
+                    },
+                ]
+            })
+            .collect();
         println!(
-            "\n== Memory (agent RSS from /proc/PID/status; per tunnel = (open - base) / count)\n{}",
-            table(&["state", "RSS kB", "fds", "per tunnel"], &rows)
+            "\n== Memory: agent RSS (/proc/PID/status) with idle tunnels; per tunnel = (RSS - \
+             base) / count; a fresh agent for each half of each round\n\
+             summary over {runs} round(s): idle RSS {} kB (anon {}, file-backed {}); per idle \
+             TCP tunnel {} kB (after one echo each {}); per idle UDP session {} kB (after one \
+             datagram each {})\nlast round:\n{}",
+            idle.show(0),
+            idle_anon.show(0),
+            idle_file.show(0),
+            per_tcp.show(1),
+            per_tcp_used.show(1),
+            per_udp.show(1),
+            per_udp_used.show(1),
+            table(
+                &["state", "RSS kB", "anon kB", "file kB", "fds", "per tunnel"],
+                &table_rows
+            )
         );
-        println!("echo saw {} TCP connections with the tunnels open", open.2);
+        println!(
+            "echo saw {} TCP connections with the tunnels open",
+            last.echo_seen
+        );
         for c in checks {
             println!("{}", c.line());
             self.checks.push(c);
         }
-        for note in [tcp_note, udp_note].into_iter().flatten() {
+        for note in &last.notes {
             println!("{note}");
         }
-        let pair = |p: (usize, u64)| json!({"fds": p.0, "rss_kb": p.1});
         self.json.insert(
             "mem".into(),
             json!({
                 "binary_bytes": size,
-                "idle": pair(idle),
-                "tcp": {"tunnels": n_tcp, "base": pair(base), "open": pair((open.0, open.1)),
-                        "closed": pair(closed), "kb_per_tunnel": per_tcp},
-                "udp": {"sessions": n_udp, "base": pair(ubase), "open": pair(uopen),
-                        "closed": pair(uclosed), "kb_per_session": per_udp},
+                "idle_rss_kb": idle, "idle_anon_kb": idle_anon, "idle_file_kb": idle_file,
+                "tcp": {"tunnels": n_tcp, "kb_per_tunnel": per_tcp,
+                        "kb_per_tunnel_after_echo": per_tcp_used},
+                "udp": {"sessions": n_udp, "kb_per_session": per_udp,
+                        "kb_per_session_after_datagram": per_udp_used},
+                "rounds": rounds.iter().map(|r| r.rows.iter()
+                    .map(|(label, m, _)| json!({"state": label, "reading": m}))
+                    .collect::<Vec<_>>()).collect::<Vec<_>>(),
             }),
         );
         Ok(())

@@ -170,7 +170,7 @@ pub struct Meter {
 #[derive(Clone, Copy)]
 pub struct Snap {
     at: Instant,
-    proxy: u64,
+    proxy: (u64, u64),
     client: u64,
     echo: u64,
     machine: (u64, u64),
@@ -183,6 +183,8 @@ pub struct Cpu {
     pub wall_s: f64,
     /// The proxy under test (agent, stunnel or socat with its forked children).
     pub proxy_s: f64,
+    /// The part of `proxy_s` spent in the kernel (system time).
+    pub proxy_sys_s: f64,
     /// The bench's client threads (TLS, pattern generation and checking).
     pub client_s: f64,
     /// The echo thread.
@@ -201,7 +203,7 @@ impl Meter {
     pub fn snap(&self) -> Snap {
         Snap {
             at: Instant::now(),
-            proxy: self.proxy.map_or(0, procs::tree_ticks),
+            proxy: self.proxy.map_or((0, 0), procs::tree_ticks),
             client: procs::thread_ticks(CLIENT_THREAD),
             echo: procs::thread_ticks(echo::THREAD),
             machine: procs::machine_ticks(),
@@ -215,7 +217,8 @@ impl Meter {
         let s = |a: u64, b: u64| a.saturating_sub(b) as f64 / tck;
         Cpu {
             wall_s: now.at.duration_since(before.at).as_secs_f64(),
-            proxy_s: s(now.proxy, before.proxy),
+            proxy_s: s(now.proxy.0 + now.proxy.1, before.proxy.0 + before.proxy.1),
+            proxy_sys_s: s(now.proxy.1, before.proxy.1),
             client_s: s(now.client, before.client),
             echo_s: s(now.echo, before.echo),
             machine_s: s(now.machine.0, before.machine.0),

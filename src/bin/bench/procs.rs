@@ -180,18 +180,14 @@ fn stat_fields(path: &str) -> Option<(String, Vec<u64>, u32)> {
     Some((comm, nums, ppid))
 }
 
-/// utime + stime (+ cutime + cstime with `children`) of one process, in ticks.
-fn own_ticks(pid: u32, children: bool) -> u64 {
+/// (user, system) ticks of one process: utime + cutime, stime + cstime (reaped children).
+fn own_ticks(pid: u32) -> (u64, u64) {
     let Some((_, f, _)) = stat_fields(&format!("/proc/{pid}/stat")) else {
-        return 0;
+        return (0, 0);
     };
     // fields 14..=17: utime stime cutime cstime (index = field - 3)
     let get = |i: usize| f.get(i).copied().unwrap_or(0);
-    let mut t = get(11) + get(12);
-    if children {
-        t += get(13) + get(14);
-    }
-    t
+    (get(11) + get(13), get(12) + get(14))
 }
 
 /// Every live descendant of `pid`.
@@ -222,14 +218,15 @@ pub fn descendants(pid: u32) -> Vec<u32> {
     out
 }
 
-/// CPU ticks of a process, its live descendants and its reaped children (socat forks one
-/// process per connection; stunnel and the agent use threads, which stat already sums).
-pub fn tree_ticks(pid: u32) -> u64 {
-    own_ticks(pid, true)
-        + descendants(pid)
-            .into_iter()
-            .map(|p| own_ticks(p, true))
-            .sum::<u64>()
+/// (user, system) CPU ticks of a process, its live descendants and its reaped children
+/// (socat forks one process per connection; stunnel and the agent use threads, which stat
+/// already sums).
+pub fn tree_ticks(pid: u32) -> (u64, u64) {
+    descendants(pid)
+        .into_iter()
+        .chain([pid])
+        .map(own_ticks)
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 /// CPU ticks of this process's threads whose name starts with `prefix`.
