@@ -40,7 +40,7 @@ impl ClientTls {
         for cert in crate::tls::parse_certs(ca).context("CA certificate")? {
             roots.add(cert).context("CA certificate")?;
         }
-        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::client_provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .context("selecting TLS versions")?;
         let mut dtls = DtlsConfig {

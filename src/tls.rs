@@ -18,6 +18,24 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The provider for our client side, with TLS 1.3 suites in Go's order (AES-128-GCM first, as
+/// the GoDoxy server's crypto/tls offers them on hardware with AES): what the agent is measured
+/// against is what it will see.
+pub fn client_provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite as suite;
+    let mut provider = rustls::crypto::ring::default_provider();
+    let tls13_first = [
+        suite::TLS13_AES_128_GCM_SHA256,
+        suite::TLS13_AES_256_GCM_SHA384,
+        suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    provider
+        .cipher_suites
+        .retain(|s| !tls13_first.iter().any(|t| t.suite() == s.suite()));
+    provider.cipher_suites.splice(0..0, tls13_first);
+    Arc::new(provider)
+}
+
 /// Installs [`provider`] as the process default; harmless when already installed.
 pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -81,6 +99,14 @@ impl TlsMaterial {
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .context("tls.cert and tls.key do not form a usable pair")?;
         config.alpn_protocols = Alpn::SERVER_OFFER.iter().map(|p| p.to_vec()).collect();
+        // Resumption through stateless tickets (encrypted under a rotating key): a client that
+        // keeps a session cache skips the certificate signature and verification on its next
+        // tunnel, and the agent keeps no per-session state. One ticket per connection suffices
+        // for clients that use each ticket once.
+        config.ticketer =
+            rustls::crypto::ring::Ticketer::new().context("creating the ticket key")?;
+        config.send_tls13_tickets = 1;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(Arc::new(config))
     }
 }
