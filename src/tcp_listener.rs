@@ -141,24 +141,23 @@ async fn serve_connection(
                 .as_ref()
                 .map_or_else(|| "-".to_owned(), ToString::to_string);
             let duration_ms = report.duration.as_millis() as u64;
+            macro_rules! log_end {
+                ($level:ident) => {
+                    $level!(
+                        destination,
+                        up = report.up,
+                        down = report.down,
+                        duration_ms,
+                        reason = %report.end,
+                        "tunnel closed"
+                    )
+                };
+            }
+            // Refusals and failures are worth an operator's look; normal ends are not.
             if report.end.is_clean() || matches!(report.end, tunnel::End::Shutdown) {
-                info!(
-                    destination,
-                    up = report.up,
-                    down = report.down,
-                    duration_ms,
-                    reason = %report.end,
-                    "tunnel closed"
-                );
+                log_end!(info);
             } else {
-                warn!(
-                    destination,
-                    up = report.up,
-                    down = report.down,
-                    duration_ms,
-                    reason = %report.end,
-                    "tunnel closed"
-                );
+                log_end!(warn);
             }
         }
         Alpn::Http => {
