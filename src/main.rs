@@ -561,12 +561,19 @@ fn notify_systemd(daemon: &Daemon) {
 fn print_trial_help(config: &Config, dir: &Path) {
     let port = config.listen.tcp.port();
     let d = dir.display();
+    let me = std::env::current_exe()
+        .map_or_else(|_| "godoxy-agent".to_owned(), |p| p.display().to_string());
     info!(dir = %d, "generated a CA, server and client certificate set for a local trial");
     eprintln!(
         "\nNew certificates in {d}\n\
          \x20 client certificate: {d}/client.pem  key: {d}/client.key  CA: {d}/ca.pem\n\
          \x20 GoDoxy env (AGENT_CA_CERT, AGENT_SSL_CERT): {d}/godoxy.env\n\
-         Try it:\n\
+         Try it, in another shell:\n\
+         \x20 # what a GoDoxy server checks: /info, then a TCP and a UDP probe\n\
+         \x20 {me} info --server 127.0.0.1:{port} --certs {d}\n\
+         \x20 # a tunnel: local port 18890 -> the agent -> 127.0.0.1:22 (any TCP service here)\n\
+         \x20 {me} forward --server 127.0.0.1:{port} --certs {d} --listen 127.0.0.1:18890 --target 127.0.0.1:22\n\
+         \x20 # the HTTP API with curl\n\
          \x20 curl --cacert {d}/ca.pem --cert {d}/client.pem --key {d}/client.key \\\n\
          \x20      --resolve godoxy.agent:{port}:127.0.0.1 https://godoxy.agent:{port}/godoxy/agent/info\n"
     );

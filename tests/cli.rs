@@ -762,3 +762,15 @@ async fn run_with_godoxy_environment_and_sigint() {
     let log = agent.log.join("\n");
     assert!(!log.contains("PRIVATE KEY"), "{log}");
 }
+
+/// The README's local-trial command is `cargo run --release -- run --config ...`: with the
+/// bench beside it, that only works while `default-run` names the agent.
+#[test]
+fn cargo_run_without_bin_runs_the_agent() {
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains("default-run = \"godoxy-agent\""),
+        "Cargo.toml must set default-run = \"godoxy-agent\""
+    );
+}
