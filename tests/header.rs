@@ -104,3 +104,41 @@ fn rejected_destination_vectors_decode_but_are_refused() {
         eprintln!("{}: {err}", vector.name);
     }
 }
+
+mod properties {
+    use godoxy_agent::tunnel::header::{HEADER_LEN, TunnelHeader};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a peer sends, decoding and the destination check return; they never panic.
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), HEADER_LEN)) {
+            let array: [u8; HEADER_LEN] = bytes.try_into().unwrap();
+            if let Ok(header) = TunnelHeader::decode(&array) {
+                let _ = header.destination();
+            }
+        }
+
+        /// Any header that fits its fields survives encode -> decode unchanged.
+        #[test]
+        fn encode_decode_round_trip(
+            host in proptest::collection::vec(any::<u8>(), 0..=255),
+            port in proptest::collection::vec(any::<u8>(), 0..=5),
+            flag in any::<u8>(),
+        ) {
+            let header = TunnelHeader::from_raw(&host, &port, flag).unwrap();
+            let back = TunnelHeader::decode(&header.encode()).unwrap();
+            prop_assert_eq!(back.host_bytes(), &host[..]);
+            prop_assert_eq!(back.port_bytes(), &port[..]);
+            prop_assert_eq!(back.flag(), flag);
+        }
+
+        /// A single flipped bit anywhere is caught (by the checksum, or by the field it hits).
+        #[test]
+        fn any_bit_flip_is_refused(bit in 0..HEADER_LEN * 8) {
+            let mut wire = TunnelHeader::new("example.com", "443", 0).unwrap().encode();
+            wire[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(TunnelHeader::decode(&wire).is_err());
+        }
+    }
+}
