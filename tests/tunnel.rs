@@ -248,3 +248,44 @@ async fn unreachable_destination_closes_the_tunnel() {
     assert_eq!(daemon.dials(), 1);
     daemon.stop().await;
 }
+
+/// Destinations by IPv6 literal (no brackets in the header) and by name, resolved by the agent.
+#[tokio::test]
+async fn ipv6_literal_and_host_name_destinations() {
+    let pki = TestPki::new();
+    let daemon = TestDaemon::start(&pki).await;
+    let v6 = match TcpListener::bind("[::1]:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("no IPv6 loopback here ({e}); checking the name only");
+            daemon.stop().await;
+            return;
+        }
+    };
+    let v6_port = v6.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = v6.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let echo = TcpEcho::start().await;
+    for (host, port) in [("::1", v6_port), ("localhost", echo.addr.port())] {
+        let header = TunnelHeader::new(host, &port.to_string(), 0).unwrap();
+        let mut tls = pki
+            .client()
+            .open_tunnel(daemon.addr, &header)
+            .await
+            .unwrap();
+        tls.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut back))
+            .await
+            .unwrap_or_else(|_| panic!("{host}: no echo"))
+            .unwrap();
+        assert_eq!(&back, b"ping", "{host}");
+    }
+    daemon.stop().await;
+}
