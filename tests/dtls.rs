@@ -398,3 +398,31 @@ async fn openssl_s_client_interop() {
     assert_eq!(echo.received(), 1);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_beyond_the_cap_are_refused_and_counted() {
+    let pki = TestPki::new();
+    let daemon = TestDaemon::start_udp(&pki, "max_udp_sessions = 1").await;
+    let echo = UdpEcho::start().await;
+    let client = pki.client();
+    let first = open(&client, &daemon, echo.addr).await;
+    let refused = client
+        .connect_dtls(daemon.udp.unwrap(), None, Duration::from_secs(1))
+        .await;
+    assert!(
+        refused.is_err(),
+        "a second session was admitted over max_udp_sessions = 1"
+    );
+    assert!(daemon.stat(|s| &s.udp_refused_sessions) >= 1);
+    // The admitted session is unaffected, and its slot frees when it closes.
+    assert_eq!(
+        echo_all(&first, &[b"still here".to_vec()], 1).await.len(),
+        1
+    );
+    first.close().await;
+    eventually(WAIT, "slot freed", || daemon.stat(|s| &s.udp_table) == 0).await;
+    let again = open(&client, &daemon, echo.addr).await;
+    assert_eq!(echo_all(&again, &[b"again".to_vec()], 1).await.len(), 1);
+    again.close().await;
+    daemon.stop().await;
+}

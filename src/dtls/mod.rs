@@ -224,7 +224,12 @@ pub async fn run(
                 }
                 if peers.len() >= shared.limits.max_sessions {
                     Stats::bump(&stats.udp_refused_sessions);
-                    warn!(%peer, max = shared.limits.max_sessions, "UDP session refused: max_udp_sessions reached");
+                    // Clients retry every second and a flood is many peers: warn on the first
+                    // refusal and then once per 1000, with the running count.
+                    let refused = Stats::get(&stats.udp_refused_sessions);
+                    if refused % 1000 == 1 {
+                        warn!(%peer, max = shared.limits.max_sessions, refused, "UDP session refused: max_udp_sessions reached");
+                    }
                     continue;
                 }
                 let Ok(permit) = handshakes.clone().try_acquire_owned() else {
