@@ -256,6 +256,11 @@ async fn handshake_without_or_with_foreign_certificate_is_refused() {
     .await;
     assert_eq!(daemon.stat(|s| &s.udp_handshakes), 0);
     assert_eq!(daemon.dials(), 0);
+    // Failed handshakes leave nothing behind in the table.
+    eventually(WAIT, "table empty after refusals", || {
+        daemon.stat(|s| &s.udp_table) == 0
+    })
+    .await;
     daemon.stop().await;
 }
 
