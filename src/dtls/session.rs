@@ -27,6 +27,9 @@ pub const READ_BUF: usize = 8192;
 /// The largest payload that crosses: 8192 minus a record's 37 bytes of overhead with
 /// AES-128-GCM (13 header, 8 explicit nonce, 16 tag).
 pub const MAX_PAYLOAD: usize = 8155;
+/// Datagrams taken from the destination per readiness event before the client's side gets a
+/// turn.
+const DOWN_BATCH: usize = 32;
 /// How long sending close_notify may take before the session is dropped anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -282,7 +285,9 @@ async fn relay(
                 if let Err(err) = r {
                     return End::Error(format!("destination socket: {err}"));
                 }
-                loop {
+                // A bounded batch, so a destination that never pauses cannot starve the
+                // client's direction; readiness stays set when the batch ends early.
+                for _ in 0..DOWN_BATCH {
                     let n = match udp.try_recv(buf) {
                         Ok(n) => n,
                         Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
