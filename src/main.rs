@@ -1,17 +1,17 @@
-//! The `godoxy-agent` command: run the daemon, make certificates, check a configuration.
+//! The `godoxy-agent` command: run the daemon, make certificates, check a configuration; the
+//! client commands live in `client_cmd`.
+
+mod client_cmd;
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use std::process::ExitCode;
-
 use clap::{Parser, Subcommand};
-use godoxy_agent::client::ClientTls;
+use client_cmd::{CertArgs, client_command};
 use godoxy_agent::config::{Config, DEFAULT_CONFIG_PATH, PemSource};
-use godoxy_agent::tunnel::header::TunnelHeader;
 use godoxy_agent::{Daemon, certs};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -121,39 +121,6 @@ enum Command {
     },
 }
 
-/// Client certificate flags: a `certs init` folder, or each file on its own.
-#[derive(clap::Args)]
-struct CertArgs {
-    /// Folder with ca.pem, client.pem and client.key (what `certs init` writes).
-    #[arg(long, value_name = "DIR", default_value = ".")]
-    certs: PathBuf,
-    /// CA certificate [default: DIR/ca.pem].
-    #[arg(long, value_name = "PATH")]
-    ca: Option<PathBuf>,
-    /// Client certificate [default: DIR/client.pem].
-    #[arg(long, value_name = "PATH")]
-    cert: Option<PathBuf>,
-    /// Client key [default: DIR/client.key].
-    #[arg(long, value_name = "PATH")]
-    key: Option<PathBuf>,
-}
-
-impl CertArgs {
-    fn client(&self) -> anyhow::Result<ClientTls> {
-        let read = |given: &Option<PathBuf>, name: &str| {
-            let path = given.clone().unwrap_or_else(|| self.certs.join(name));
-            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
-        };
-        ClientTls::from_pem(
-            &read(&self.ca, "ca.pem")?,
-            Some((
-                &read(&self.cert, "client.pem")?,
-                &read(&self.key, "client.key")?,
-            )),
-        )
-    }
-}
-
 #[derive(Subcommand)]
 enum CertsCommand {
     /// Create a CA, server and client certificate set (GoDoxy's profile) and godoxy.env.
@@ -185,16 +152,16 @@ fn main() -> ExitCode {
             certs,
         } => {
             let (tcp, udp) = if tcp || udp { (tcp, udp) } else { (true, true) };
-            client_command(probe(server, tcp, udp, timeout, certs))
+            client_command(client_cmd::probe(server, tcp, udp, timeout, certs))
         }
         Command::Info {
             server,
             json,
             timeout,
             certs,
-        } => client_command(info(server, json, timeout, certs)),
+        } => client_command(client_cmd::info(server, json, timeout, certs)),
         Command::Health { config, timeout } => match load_config(config.as_deref()) {
-            Ok(config) => client_command(health(config, timeout)),
+            Ok(config) => client_command(client_cmd::health(config, timeout)),
             Err(code) => code,
         },
         Command::Forward {
@@ -205,199 +172,10 @@ fn main() -> ExitCode {
             idle,
             timeout,
             certs,
-        } => client_command(forward(server, listen, target, udp, idle, timeout, certs)),
+        } => client_command(client_cmd::forward(
+            server, listen, target, udp, idle, timeout, certs,
+        )),
     }
-}
-
-/// Runs a client command; its error (if any) is printed and the exit code is 1.
-fn client_command(work: impl std::future::Future<Output = anyhow::Result<bool>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("godoxy-agent: starting the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(work) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(err) => {
-            eprintln!("godoxy-agent: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
-    tokio::net::lookup_host(server)
-        .await
-        .with_context(|| format!("resolving {server} (expected HOST:PORT)"))?
-        .next()
-        .with_context(|| format!("{server} resolved to no address"))
-}
-
-fn millis(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
-
-async fn probe(
-    server: String,
-    tcp: bool,
-    udp: bool,
-    timeout: Duration,
-    certs: CertArgs,
-) -> anyhow::Result<bool> {
-    let client = certs.client()?;
-    let addr = resolve(&server).await?;
-    let mut all_ok = true;
-    if tcp {
-        all_ok &= report("tcp", client.probe_tcp(addr, timeout).await, addr);
-    }
-    if udp {
-        all_ok &= report("udp", client.probe_udp(addr, timeout).await, addr);
-    }
-    Ok(all_ok)
-}
-
-fn report(transport: &str, result: anyhow::Result<Duration>, addr: SocketAddr) -> bool {
-    match result {
-        Ok(latency) => {
-            println!("{transport}  ok    {:>9}  {addr}", millis(latency));
-            true
-        }
-        Err(err) => {
-            println!("{transport}  FAIL  {addr}: {err:#}");
-            false
-        }
-    }
-}
-
-async fn info(
-    server: String,
-    json: bool,
-    timeout: Duration,
-    certs: CertArgs,
-) -> anyhow::Result<bool> {
-    let client = certs.client()?;
-    let addr = resolve(&server).await?;
-    let info = client
-        .fetch_info(addr, timeout)
-        .await
-        .with_context(|| format!("GET https://{addr}/godoxy/agent/info"))?;
-    let tcp = client.probe_tcp(addr, timeout).await;
-    let udp = client.probe_udp(addr, timeout).await;
-    let support = |r: &anyhow::Result<Duration>| match r {
-        Ok(d) => serde_json::json!({"supported": true, "latency_ms": d.as_secs_f64() * 1000.0}),
-        Err(e) => serde_json::json!({"supported": false, "error": format!("{e:#}")}),
-    };
-    if json {
-        let out = serde_json::json!({
-            "server": addr.to_string(),
-            "name": info.name,
-            "version": info.version,
-            "runtime": info.runtime,
-            "tcp": support(&tcp),
-            "udp": support(&udp),
-        });
-        println!("{out:#}");
-    } else {
-        let line = |r: &anyhow::Result<Duration>| match r {
-            Ok(d) => format!("supported ({})", millis(*d)),
-            Err(e) => format!("not supported: {e:#}"),
-        };
-        println!("server:   {addr}");
-        println!("name:     {}", info.name);
-        println!("version:  {}", info.version);
-        println!("runtime:  {}", info.runtime);
-        println!("tcp:      {}", line(&tcp));
-        println!("udp:      {}", line(&udp));
-    }
-    Ok(true)
-}
-
-/// The address to reach a listener bound to `addr` from the same host.
-fn local_target(addr: SocketAddr) -> SocketAddr {
-    let ip = match addr.ip() {
-        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
-        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
-        ip => ip,
-    };
-    SocketAddr::new(ip, addr.port())
-}
-
-async fn health(config: Config, timeout: Duration) -> anyhow::Result<bool> {
-    let ca = godoxy_agent::tls::read_pem(&config.tls.ca, "tls.ca")?;
-    let client = ClientTls::from_pem(&ca, None)?;
-    let tcp = local_target(config.listen.tcp);
-    let mut all_ok = report_alive("tcp", client.check_tls_alive(tcp, timeout).await, tcp);
-    if let Some(udp) = config.listen.udp {
-        let udp = local_target(udp);
-        all_ok &= report_alive("udp", client.check_dtls_alive(udp, timeout).await, udp);
-    }
-    Ok(all_ok)
-}
-
-fn report_alive(transport: &str, result: anyhow::Result<String>, addr: SocketAddr) -> bool {
-    match result {
-        Ok(how) => {
-            println!("{transport}  ok    {addr}: {how}");
-            true
-        }
-        Err(err) => {
-            println!("{transport}  FAIL  {addr}: {err:#}");
-            false
-        }
-    }
-}
-
-/// HOST:PORT or [IPv6]:PORT into the header's host and port fields.
-fn target_header(target: &str) -> anyhow::Result<TunnelHeader> {
-    let (host, port) = target
-        .rsplit_once(':')
-        .with_context(|| format!("--target {target}: expected HOST:PORT"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let header = TunnelHeader::new(host, port, 0).with_context(|| format!("--target {target}"))?;
-    header
-        .destination()
-        .map_err(|e| anyhow::anyhow!("--target {target}: the agent would refuse it: {e}"))?;
-    Ok(header)
-}
-
-async fn forward(
-    server: String,
-    listen: SocketAddr,
-    target: String,
-    udp: bool,
-    idle: Duration,
-    timeout: Duration,
-    certs: CertArgs,
-) -> anyhow::Result<bool> {
-    let forward = godoxy_agent::forward::Forward {
-        client: certs.client()?,
-        server: resolve(&server).await?,
-        header: target_header(&target)?,
-        handshake_timeout: timeout,
-        idle_timeout: idle,
-    };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
-    if udp {
-        let socket = tokio::net::UdpSocket::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}/udp"))?;
-        info!(listen = %socket.local_addr()?, %target, agent = %forward.server, "forwarding UDP");
-        godoxy_agent::forward::udp(socket, forward, shutdown).await;
-    } else {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}/tcp"))?;
-        info!(listen = %listener.local_addr()?, %target, agent = %forward.server, "forwarding TCP");
-        godoxy_agent::forward::tcp(listener, forward, shutdown).await;
-    }
-    Ok(true)
 }
 
 fn init_logging() {
@@ -512,7 +290,7 @@ fn raise_fd_limit(config: &Config) {
     }
 }
 
-async fn watch_signals(shutdown: CancellationToken) {
+pub(crate) async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
