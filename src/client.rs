@@ -179,7 +179,7 @@ impl ClientTls {
         within: Duration,
     ) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        tokio::time::timeout(within, async {
+        deadline(within, async {
             let mut tls = self
                 .connect_stream(server)
                 .await
@@ -200,8 +200,7 @@ impl ClientTls {
                 Err(e) => Err(anyhow!("the connection failed: {e}")),
             }
         })
-        .await
-        .map_err(|_| anyhow!("timed out after {within:?}"))??;
+        .await?;
         Ok(started.elapsed())
     }
 
@@ -213,7 +212,7 @@ impl ClientTls {
         within: Duration,
     ) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        tokio::time::timeout(within, async {
+        deadline(within, async {
             let tunnel = self.connect_dtls(server, None, within).await?;
             tunnel.send(&TunnelHeader::probe().encode()).await?;
             let mut buf = UdpTunnel::buffer();
@@ -224,8 +223,7 @@ impl ClientTls {
                 Some(_) => bail!("the agent sent data in reply to a probe"),
             }
         })
-        .await
-        .map_err(|_| anyhow!("timed out after {within:?}"))??;
+        .await?;
         Ok(started.elapsed())
     }
 
@@ -237,7 +235,7 @@ impl ClientTls {
         server: SocketAddr,
         within: Duration,
     ) -> anyhow::Result<String> {
-        tokio::time::timeout(within, async {
+        deadline(within, async {
             let mut tls = match self.connect_http(server).await {
                 Ok(tls) => tls,
                 Err(e) => return server_alert(&e).ok_or_else(|| anyhow!("TLS: {e}")),
@@ -255,7 +253,6 @@ impl ClientTls {
             }
         })
         .await
-        .map_err(|_| anyhow!("timed out after {within:?}"))?
     }
 
     /// As [`ClientTls::check_tls_alive`] for the DTLS port.
@@ -282,7 +279,7 @@ impl ClientTls {
         server: SocketAddr,
         within: Duration,
     ) -> anyhow::Result<AgentInfoReply> {
-        tokio::time::timeout(within, async {
+        deadline(within, async {
             let tls = self
                 .connect_http(server)
                 .await
@@ -307,7 +304,6 @@ impl ClientTls {
                 .map_err(|e| anyhow!("the reply is not the expected JSON: {e}"))
         })
         .await
-        .map_err(|_| anyhow!("timed out after {within:?}"))?
     }
 
     async fn connect(
@@ -320,6 +316,16 @@ impl ClientTls {
         let name = ServerName::try_from(SERVER_NAME).map_err(io::Error::other)?;
         connector.connect(name, tcp).await
     }
+}
+
+/// Runs `work` under `within`; running out of time is an error that says so.
+async fn deadline<T>(
+    within: Duration,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(within, work)
+        .await
+        .map_err(|_| anyhow!("timed out after {within:?}"))?
 }
 
 /// Why a DTLS handshake failed.

@@ -7,43 +7,32 @@ use std::net::SocketAddr;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{TestDaemon, TestPki};
+use common::{TestDaemon, TestPki, curl, run};
 use godoxy_agent::client::ClientTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-/// Runs a command with stdin closed, killing it if it takes longer than 10 s.
-async fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(10), cmd.output())
-        .await
-        .expect("command did not finish within 10 s")
-        .expect("command could not be started")
-}
-
-/// `curl` against `path` on the daemon, verifying it as godoxy.agent; `cert_pki` adds the
-/// client certificate and key of that set. Returns the output; stdout is the body followed by
-/// `\n<status> <content type>`.
-async fn curl(pki: &TestPki, cert_pki: Option<&TestPki>, addr: SocketAddr, path: &str) -> Output {
-    let port = addr.port();
-    let mut cmd = Command::new("curl");
-    cmd.arg("-sS")
-        .arg("--max-time")
-        .arg("5")
-        .arg("--cacert")
-        .arg(pki.path("ca.pem"));
-    if let Some(cert_pki) = cert_pki {
-        cmd.arg("--cert")
-            .arg(cert_pki.path("client.pem"))
-            .arg("--key")
-            .arg(cert_pki.path("client.key"));
+/// `openssl s_client` with the client certificate, verifying the agent as godoxy.agent, offering
+/// `alpn` (a comma list) when given.
+fn s_client(pki: &TestPki, addr: SocketAddr, alpn: Option<&str>) -> Command {
+    let mut cmd = Command::new("openssl");
+    cmd.arg("s_client")
+        .arg("-connect")
+        .arg(addr.to_string())
+        .arg("-cert")
+        .arg(pki.path("client.pem"))
+        .arg("-key")
+        .arg(pki.path("client.key"))
+        .arg("-CAfile")
+        .arg(pki.path("ca.pem"))
+        .arg("-servername")
+        .arg("godoxy.agent")
+        .arg("-verify_hostname")
+        .arg("godoxy.agent");
+    if let Some(alpn) = alpn {
+        cmd.arg("-alpn").arg(alpn);
     }
-    cmd.arg("--resolve")
-        .arg(format!("godoxy.agent:{port}:127.0.0.1"))
-        .arg("-w")
-        .arg("\n%{http_code} %{content_type}")
-        .arg(format!("https://godoxy.agent:{port}{path}"));
-    run(&mut cmd).await
+    cmd
 }
 
 /// Splits curl's stdout into (body, status, content type).
@@ -121,22 +110,11 @@ async fn curl_unknown_path_gets_404_json() {
 async fn openssl_s_client_negotiates_the_stream_alpn() {
     let pki = TestPki::new();
     let daemon = TestDaemon::start(&pki).await;
-    let output = run(Command::new("openssl")
-        .arg("s_client")
-        .arg("-connect")
-        .arg(daemon.addr.to_string())
-        .arg("-alpn")
-        .arg("godoxy-agent-stream/1")
-        .arg("-cert")
-        .arg(pki.path("client.pem"))
-        .arg("-key")
-        .arg(pki.path("client.key"))
-        .arg("-CAfile")
-        .arg(pki.path("ca.pem"))
-        .arg("-servername")
-        .arg("godoxy.agent")
-        .arg("-verify_hostname")
-        .arg("godoxy.agent"))
+    let output = run(&mut s_client(
+        &pki,
+        daemon.addr,
+        Some("godoxy-agent-stream/1"),
+    ))
     .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -153,37 +131,24 @@ async fn openssl_s_client_negotiates_the_stream_alpn() {
 async fn openssl_s_client_prefers_the_stream_alpn_and_falls_back_to_http() {
     let pki = TestPki::new();
     let daemon = TestDaemon::start(&pki).await;
-    let s_client = |alpn: Option<&str>| {
-        let mut cmd = Command::new("openssl");
-        cmd.arg("s_client")
-            .arg("-connect")
-            .arg(daemon.addr.to_string())
-            .arg("-cert")
-            .arg(pki.path("client.pem"))
-            .arg("-key")
-            .arg(pki.path("client.key"))
-            .arg("-CAfile")
-            .arg(pki.path("ca.pem"))
-            .arg("-servername")
-            .arg("godoxy.agent");
-        if let Some(alpn) = alpn {
-            cmd.arg("-alpn").arg(alpn);
-        }
-        cmd
-    };
     // Offering both, the client gets the stream protocol (the server's preference).
-    let output = run(&mut s_client(Some("http/1.1,godoxy-agent-stream/1"))).await;
+    let output = run(&mut s_client(
+        &pki,
+        daemon.addr,
+        Some("http/1.1,godoxy-agent-stream/1"),
+    ))
+    .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains("ALPN protocol: godoxy-agent-stream/1"),
         "{stdout}"
     );
     // Offering http/1.1 only: http/1.1.
-    let output = run(&mut s_client(Some("http/1.1"))).await;
+    let output = run(&mut s_client(&pki, daemon.addr, Some("http/1.1"))).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("ALPN protocol: http/1.1"), "{stdout}");
     // No ALPN at all: the handshake succeeds (and the connection is the HTTP API).
-    let output = run(&mut s_client(None)).await;
+    let output = run(&mut s_client(&pki, daemon.addr, None)).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("No ALPN negotiated"), "{stdout}");
     assert!(stdout.contains("Verify return code: 0 (ok)"), "{stdout}");
@@ -341,20 +306,11 @@ async fn http_request_on_the_stream_alpn_gets_no_http_answer() {
 async fn unknown_alpn_never_reaches_the_tunnel() {
     let pki = TestPki::new();
     let daemon = TestDaemon::start(&pki).await;
-    let output = run(Command::new("openssl")
-        .arg("s_client")
-        .arg("-connect")
-        .arg(daemon.addr.to_string())
-        .arg("-alpn")
-        .arg("h2,godoxy-agent-stream/2")
-        .arg("-cert")
-        .arg(pki.path("client.pem"))
-        .arg("-key")
-        .arg(pki.path("client.key"))
-        .arg("-CAfile")
-        .arg(pki.path("ca.pem"))
-        .arg("-servername")
-        .arg("godoxy.agent"))
+    let output = run(&mut s_client(
+        &pki,
+        daemon.addr,
+        Some("h2,godoxy-agent-stream/2"),
+    ))
     .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("No ALPN negotiated"), "{stdout}");

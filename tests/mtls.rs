@@ -4,16 +4,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{TcpEcho, TestDaemon, TestPki};
+use common::{TcpEcho, TestDaemon, TestPki, curl};
 use godoxy_agent::client::ClientTls;
 use godoxy_agent::stats::Stats;
 use godoxy_agent::tunnel::header::TunnelHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::Command;
 
 fn header_to(addr: SocketAddr) -> TunnelHeader {
     TunnelHeader::new(&addr.ip().to_string(), &addr.port().to_string(), 0).unwrap()
@@ -62,42 +60,13 @@ async fn tunnel_is_refused(client: &ClientTls, daemon: &TestDaemon, echo: &TcpEc
     assert!(Stats::get(&daemon.stats.tls_handshake_failures) >= 2);
 }
 
-async fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(10), cmd.output())
-        .await
-        .expect("command did not finish within 10 s")
-        .expect("command could not be started")
-}
-
-/// curl to /info trusting `pki`'s CA, presenting `cert`'s client pair when given.
-async fn curl_info(pki: &TestPki, cert: Option<&TestPki>, addr: SocketAddr) -> Output {
-    let port = addr.port();
-    let mut cmd = Command::new("curl");
-    cmd.arg("-sS")
-        .arg("--max-time")
-        .arg("5")
-        .arg("--cacert")
-        .arg(pki.path("ca.pem"));
-    if let Some(cert) = cert {
-        cmd.arg("--cert")
-            .arg(cert.path("client.pem"))
-            .arg("--key")
-            .arg(cert.path("client.key"));
-    }
-    cmd.arg("--resolve")
-        .arg(format!("godoxy.agent:{port}:127.0.0.1"))
-        .arg(format!("https://godoxy.agent:{port}/godoxy/agent/info"));
-    run(&mut cmd).await
-}
-
 #[tokio::test]
 async fn no_client_certificate_is_refused() {
     let pki = TestPki::new();
     let daemon = TestDaemon::start(&pki).await;
     let echo = TcpEcho::start().await;
 
-    let output = curl_info(&pki, None, daemon.addr).await;
+    let output = curl(&pki, None, daemon.addr, "/godoxy/agent/info").await;
     assert!(
         !output.status.success(),
         "curl without a certificate got in"
@@ -119,7 +88,7 @@ async fn certificate_from_another_ca_is_refused() {
     let daemon = TestDaemon::start(&pki).await;
     let echo = TcpEcho::start().await;
 
-    let output = curl_info(&pki, Some(&other), daemon.addr).await;
+    let output = curl(&pki, Some(&other), daemon.addr, "/godoxy/agent/info").await;
     assert!(
         !output.status.success(),
         "curl with another CA's certificate got in"
@@ -129,7 +98,7 @@ async fn certificate_from_another_ca_is_refused() {
     tunnel_is_refused(&pki.client_with_cert_of(&other), &daemon, &echo).await;
 
     // The right certificate still works on the same daemon.
-    let output = curl_info(&pki, Some(&pki), daemon.addr).await;
+    let output = curl(&pki, Some(&pki), daemon.addr, "/godoxy/agent/info").await;
     assert!(
         output.status.success(),
         "{}",

@@ -1431,16 +1431,19 @@ impl Bench {
             rounds.push(r);
         }
         let sum = |f: &dyn Fn(&MemRound) -> f64| {
-            Summary::of(&rounds.iter().map(f).collect::<Vec<_>>()).expect("at least one round")
+            Summary::of(&rounds.iter().map(f).collect::<Vec<_>>())
+                .ok_or_else(|| anyhow::anyhow!("no memory round ran"))
         };
-        let idle = sum(&|r| r.idle.rss as f64);
-        let idle_anon = sum(&|r| r.idle.anon as f64);
-        let idle_file = sum(&|r| r.idle.file as f64);
-        let per_tcp = sum(&|r| r.per_tcp);
-        let per_tcp_used = sum(&|r| r.per_tcp_used);
-        let per_udp = sum(&|r| r.per_udp);
-        let per_udp_used = sum(&|r| r.per_udp_used);
-        let last = rounds.last().expect("at least one round");
+        let idle = sum(&|r| r.idle.rss as f64)?;
+        let idle_anon = sum(&|r| r.idle.anon as f64)?;
+        let idle_file = sum(&|r| r.idle.file as f64)?;
+        let per_tcp = sum(&|r| r.per_tcp)?;
+        let per_tcp_used = sum(&|r| r.per_tcp_used)?;
+        let per_udp = sum(&|r| r.per_udp)?;
+        let per_udp_used = sum(&|r| r.per_udp_used)?;
+        let last = rounds
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("no memory round ran"))?;
         let checks = [
             Check::new(
                 "<= 16 kB RSS per idle TCP tunnel",

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,6 +14,7 @@ use godoxy_agent::stats::Stats;
 use godoxy_agent::{Config, Daemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::process::Command;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -295,4 +297,43 @@ pub async fn read_to_end_or_err<R: AsyncReadExt + Unpin>(r: &mut R) -> (Vec<u8>,
 /// Path of the built binary, for tests that run the command.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_godoxy-agent")
+}
+
+/// Runs a command with stdin closed, killing it if it takes longer than 10 s.
+pub async fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(10), cmd.output())
+        .await
+        .expect("command did not finish within 10 s")
+        .expect("command could not be started")
+}
+
+/// `curl` against `path` on the daemon, verifying it as godoxy.agent; `cert_pki` adds the
+/// client certificate and key of that set. Returns the output; stdout is the body followed by
+/// `\n<status> <content type>`.
+pub async fn curl(
+    pki: &TestPki,
+    cert_pki: Option<&TestPki>,
+    addr: SocketAddr,
+    path: &str,
+) -> Output {
+    let port = addr.port();
+    let mut cmd = Command::new("curl");
+    cmd.arg("-sS")
+        .arg("--max-time")
+        .arg("5")
+        .arg("--cacert")
+        .arg(pki.path("ca.pem"));
+    if let Some(cert_pki) = cert_pki {
+        cmd.arg("--cert")
+            .arg(cert_pki.path("client.pem"))
+            .arg("--key")
+            .arg(cert_pki.path("client.key"));
+    }
+    cmd.arg("--resolve")
+        .arg(format!("godoxy.agent:{port}:127.0.0.1"))
+        .arg("-w")
+        .arg("\n%{http_code} %{content_type}")
+        .arg(format!("https://godoxy.agent:{port}{path}"));
+    run(&mut cmd).await
 }

@@ -80,15 +80,21 @@ pub struct Endpoints {
 
 impl Endpoints {
     /// The header naming the TCP echo.
-    pub fn tcp_header(&self) -> TunnelHeader {
-        TunnelHeader::new("127.0.0.1", &self.echo_tcp.port().to_string(), 0)
-            .expect("an IPv4 literal and a port fit the header")
+    pub fn tcp_header(&self) -> Result<TunnelHeader> {
+        Ok(TunnelHeader::new(
+            "127.0.0.1",
+            &self.echo_tcp.port().to_string(),
+            0,
+        )?)
     }
 
     /// The header naming the UDP echo.
-    pub fn udp_header(&self) -> TunnelHeader {
-        TunnelHeader::new("127.0.0.1", &self.echo_udp.port().to_string(), 0)
-            .expect("an IPv4 literal and a port fit the header")
+    pub fn udp_header(&self) -> Result<TunnelHeader> {
+        Ok(TunnelHeader::new(
+            "127.0.0.1",
+            &self.echo_udp.port().to_string(),
+            0,
+        )?)
     }
 
     /// A connection to the echo through `target`, ready for payload.
@@ -97,7 +103,7 @@ impl Endpoints {
             let stream: Stream = match target {
                 Target::Agent => Box::new(
                     self.tls
-                        .open_tunnel(self.agent_tcp, &self.tcp_header())
+                        .open_tunnel(self.agent_tcp, &self.tcp_header()?)
                         .await?,
                 ),
                 Target::Stunnel => Box::new(self.tls.connect_stream(self.stunnel).await?),

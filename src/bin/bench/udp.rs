@@ -44,7 +44,7 @@ impl Dgram {
     pub async fn agent(ep: &Endpoints) -> Result<Self> {
         let tunnel = ep
             .tls
-            .open_udp(ep.agent_udp, &ep.udp_header(), HANDSHAKE_TIMEOUT)
+            .open_udp(ep.agent_udp, &ep.udp_header()?, HANDSHAKE_TIMEOUT)
             .await?;
         Ok(Self::Dtls(Box::new(tunnel)))
     }
