@@ -13,8 +13,7 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-/// The name every GoDoxy certificate is issued for; clients verify the server as this name.
-pub const SERVER_NAME: &str = "godoxy.agent";
+use crate::protocol::SERVER_NAME;
 
 /// A generated set, as PEM text.
 #[derive(Clone)]
@@ -152,6 +151,17 @@ impl CertSet {
     }
 }
 
+/// Creates `path`, failing when it exists (no overwrite, even in a race).
+fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let mut file = fs::OpenOptions::new()
         .write(true)
@@ -201,27 +211,37 @@ pub fn generate_if_missing(tls: &crate::config::TlsConfig) -> anyhow::Result<Opt
     }
     let dir = cert.parent().map(Path::to_owned).unwrap_or_default();
     let set = CertSet::generate()?;
-    for path in [ca, cert, key] {
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-    }
-    let extra = [
-        (dir.join("client.pem"), set.client_cert.as_str(), 0o644),
-        (dir.join("client.key"), set.client_key.as_str(), 0o600),
-        (dir.join("ca.key"), set.ca_key.as_str(), 0o600),
-    ];
     let env = set.godoxy_env();
     let files = [
         (ca.clone(), set.ca_cert.as_str(), 0o644),
         (cert.clone(), set.server_cert.as_str(), 0o644),
         (key.clone(), set.server_key.as_str(), 0o600),
-    ]
-    .into_iter()
-    .chain(extra)
-    .chain([(dir.join("godoxy.env"), env.as_str(), 0o600)]);
+        (dir.join("client.pem"), set.client_cert.as_str(), 0o644),
+        (dir.join("client.key"), set.client_key.as_str(), 0o600),
+        (dir.join("ca.key"), set.ca_key.as_str(), 0o600),
+        (dir.join("godoxy.env"), env.as_str(), 0o600),
+    ];
+    // The client half, CA key and env file sit beside the server certificate: any of them
+    // left from another set would be overwritten or mismatched. Never overwrite.
+    let leftovers: Vec<String> = files[3..]
+        .iter()
+        .filter(|(path, _, _)| path.exists())
+        .map(|(path, _, _)| path.display().to_string())
+        .collect();
+    if !leftovers.is_empty() {
+        bail!(
+            "tls.generate_if_missing: tls.ca, tls.cert and tls.key are missing but {} exist(s) \
+             beside them; refusing to overwrite (move them away or point tls.* at that set)",
+            leftovers.join(", ")
+        );
+    }
+    for (path, _, _) in &files {
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+    }
     for (path, text, mode) in files {
-        write_file(&path, text.as_bytes(), mode)
+        write_new_file(&path, text.as_bytes(), mode)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(Some(TrialSet { dir }))

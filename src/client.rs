@@ -18,11 +18,10 @@ use tokio_rustls::client::TlsStream;
 use webrtc_dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
 use webrtc_dtls::conn::DTLSConn;
 
-use crate::alpn::Alpn;
-use crate::certs::SERVER_NAME;
-use crate::dtls;
-use crate::dtls::session::READ_BUF;
-use crate::tunnel::header::TunnelHeader;
+use crate::config::Config;
+use crate::protocol::{
+    ALPN_HTTP1, ALPN_STREAM, DTLS_CIPHER_SUITE, DTLS_READ_BUF, SERVER_NAME, TunnelHeader,
+};
 
 /// Client TLS settings: trust the agent's CA, present a client certificate.
 #[derive(Clone)]
@@ -44,7 +43,7 @@ impl ClientTls {
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .context("selecting TLS versions")?;
         let mut dtls = DtlsConfig {
-            cipher_suites: vec![dtls::CIPHER_SUITE],
+            cipher_suites: vec![DTLS_CIPHER_SUITE],
             extended_master_secret: ExtendedMasterSecretType::Require,
             roots_cas: roots.clone(),
             // SNI, and the name the server certificate is verified as.
@@ -57,7 +56,7 @@ impl ClientTls {
                 let chain = crate::tls::parse_certs(cert).context("client certificate")?;
                 let key =
                     PrivateKeyDer::from_pem_slice(key).map_err(|e| anyhow!("client key: {e}"))?;
-                dtls.certificates = vec![dtls::certificate(chain.clone(), &key)?];
+                dtls.certificates = vec![crate::tls::dtls_certificate(chain.clone(), &key)?];
                 builder
                     .with_client_auth_cert(chain, key)
                     .context("client certificate and key")?
@@ -70,10 +69,17 @@ impl ClientTls {
             TlsConnector::from(Arc::new(c))
         };
         Ok(Self {
-            stream: with_alpn(Alpn::STREAM),
-            http: with_alpn(Alpn::HTTP1),
+            stream: with_alpn(ALPN_STREAM),
+            http: with_alpn(ALPN_HTTP1),
             dtls,
         })
+    }
+
+    /// Trusting the CA of an agent's own configuration, presenting no certificate: what the
+    /// agent's health check on its own host needs.
+    pub fn for_health_check(config: &Config) -> anyhow::Result<Self> {
+        let ca = crate::tls::read_pem(&config.tls.ca, "tls.ca")?;
+        Self::from_pem(&ca, None)
     }
 
     /// From a folder written by `certs init`: `ca.pem`, `client.pem`, `client.key`.
@@ -184,7 +190,7 @@ impl ClientTls {
                 .connect_stream(server)
                 .await
                 .map_err(|e| anyhow!("TLS connection failed: {e}"))?;
-            if tls.get_ref().1.alpn_protocol() != Some(Alpn::STREAM) {
+            if tls.get_ref().1.alpn_protocol() != Some(ALPN_STREAM) {
                 bail!(
                     "the agent does not offer TCP stream tunnels (no godoxy-agent-stream/1 ALPN)"
                 );
@@ -321,7 +327,7 @@ impl ClientTls {
 /// Runs `work` under `within`; running out of time is an error that says so.
 async fn deadline<T>(
     within: Duration,
-    work: impl std::future::Future<Output = anyhow::Result<T>>,
+    work: impl Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
     tokio::time::timeout(within, work)
         .await
@@ -393,7 +399,7 @@ impl UdpTunnel {
         Ok(())
     }
 
-    /// Receives one record into `buf` (use at least [`READ_BUF`] bytes: a record that does
+    /// Receives one record into `buf` (use at least [`DTLS_READ_BUF`] bytes: a record that does
     /// not fit is lost). `Ok(None)` when the agent closed the session.
     pub async fn recv(&self, buf: &mut [u8], within: Duration) -> Result<Option<usize>, RecvError> {
         match self.conn.read(buf, Some(within)).await {
@@ -421,6 +427,6 @@ impl UdpTunnel {
 
     /// A buffer of the right size for [`UdpTunnel::recv`].
     pub fn buffer() -> Vec<u8> {
-        vec![0u8; READ_BUF]
+        vec![0u8; DTLS_READ_BUF]
     }
 }

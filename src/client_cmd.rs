@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use godoxy_agent::Config;
 use godoxy_agent::client::ClientTls;
-use godoxy_agent::tunnel::header::TunnelHeader;
+use godoxy_agent::protocol::TunnelHeader;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -47,7 +47,7 @@ impl CertArgs {
 }
 
 /// Runs a client command; its error (if any) is printed and the exit code is 1.
-pub fn client_command(work: impl std::future::Future<Output = anyhow::Result<bool>>) -> ExitCode {
+pub fn client_command(work: impl Future<Output = anyhow::Result<bool>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -166,8 +166,7 @@ fn local_target(addr: SocketAddr) -> SocketAddr {
 }
 
 pub async fn health(config: Config, timeout: Duration) -> anyhow::Result<bool> {
-    let ca = godoxy_agent::tls::read_pem(&config.tls.ca, "tls.ca")?;
-    let client = ClientTls::from_pem(&ca, None)?;
+    let client = ClientTls::for_health_check(&config)?;
     let tcp = local_target(config.listen.tcp);
     let mut all_ok = report_alive("tcp", client.check_tls_alive(tcp, timeout).await, tcp);
     if let Some(udp) = config.listen.udp {
@@ -220,7 +219,7 @@ pub async fn forward(
         idle_timeout: idle,
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(crate::watch_signals(shutdown.clone()));
+    tokio::spawn(crate::signals::watch(shutdown.clone()));
     if udp {
         let socket = tokio::net::UdpSocket::bind(listen)
             .await

@@ -28,12 +28,24 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Tunnel timeouts and limits.
     pub stream: StreamConfig,
-    /// Things the operator should know about how this configuration was put together.
-    #[serde(skip)]
+}
+
+/// What the operator should hear about how a configuration was put together, returned beside
+/// it by every loader.
+#[derive(Debug, Default)]
+pub struct Diagnostics {
+    /// Worth a warning: weakened security, key material that should not be here.
     pub warnings: Vec<String>,
     /// Worth one info line: GoDoxy variables that were set but mean nothing here.
-    #[serde(skip)]
     pub notices: Vec<String>,
+}
+
+/// A checked non-zero constant: a zero fails the build, not the daemon.
+const fn non_zero(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => panic!("a limit constant is zero"),
+    }
 }
 
 /// Container runtime reported to the GoDoxy server.
@@ -168,9 +180,9 @@ impl Default for StreamConfig {
             header_timeout: Duration::from_secs(10),
             dial_timeout: Duration::from_secs(10),
             udp_idle_timeout: Duration::from_secs(120),
-            max_udp_sessions: NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN),
-            max_udp_handshakes: NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
-            max_connections: NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN),
+            max_udp_sessions: const { non_zero(4096) },
+            max_udp_handshakes: const { non_zero(256) },
+            max_connections: const { non_zero(4096) },
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -269,7 +281,7 @@ impl Default for FileTls {
 impl Config {
     /// Loads the file at `path` (or only defaults when `None`) and applies the process
     /// environment.
-    pub fn load(path: Option<&Path>) -> Result<Self, ConfigErrors> {
+    pub fn load(path: Option<&Path>) -> Result<(Self, Diagnostics), ConfigErrors> {
         Self::load_with_env(path, |var| std::env::var(var).ok())
     }
 
@@ -277,7 +289,7 @@ impl Config {
     pub fn load_with_env(
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigErrors> {
+    ) -> Result<(Self, Diagnostics), ConfigErrors> {
         let (text, origin) = match path {
             Some(path) => match std::fs::read_to_string(path) {
                 Ok(text) => (text, Some(path)),
@@ -298,7 +310,7 @@ impl Config {
         text: &str,
         origin: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigErrors> {
+    ) -> Result<(Self, Diagnostics), ConfigErrors> {
         let origin_name = origin.map_or_else(|| "defaults".to_owned(), |p| p.display().to_string());
         let file: FileConfig = toml::from_str(text).map_err(|err| {
             ConfigErrors(vec![ConfigError::Parse {
@@ -324,15 +336,14 @@ impl Config {
                 generate_if_missing: file.tls.generate_if_missing,
             },
             stream: file.stream,
-            warnings: Vec::new(),
-            notices: Vec::new(),
         };
         let mut errors = Vec::new();
+        let mut diagnostics = Diagnostics::default();
         // The environment wins over the file: check what results from both.
-        config.apply_env(&env, &mut errors);
+        config.apply_env(&env, &mut errors, &mut diagnostics);
         config.validate(&origin_name, &mut errors);
         if errors.is_empty() {
-            Ok(config)
+            Ok((config, diagnostics))
         } else {
             Err(ConfigErrors(errors))
         }
@@ -362,7 +373,12 @@ impl Config {
         }
     }
 
-    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>, errors: &mut Vec<ConfigError>) {
+    fn apply_env(
+        &mut self,
+        env: &impl Fn(&str) -> Option<String>,
+        errors: &mut Vec<ConfigError>,
+        diagnostics: &mut Diagnostics,
+    ) {
         let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
         if let Some(name) = var("AGENT_NAME") {
             self.name = name.trim().to_owned();
@@ -399,7 +415,7 @@ impl Config {
                         pem: cert,
                     };
                     if key.is_some() {
-                        self.warnings.push(
+                        diagnostics.warnings.push(
                             "AGENT_CA_CERT carries the CA private key; the agent does not need it \
                              and has dropped it. Ship only the CA certificate to agents: whoever \
                              holds that key can mint client certificates."
@@ -446,21 +462,21 @@ impl Config {
             .filter(|name| env(name).is_some())
             .collect();
         if !ignored.is_empty() {
-            self.notices.push(format!(
+            diagnostics.notices.push(format!(
                 "ignoring GoDoxy agent variables this agent does not use (it has no Docker \
                  socket proxy): {}",
                 ignored.join(", ")
             ));
         }
         if var("LISTEN_ADDR").is_some() {
-            self.warnings.push(
+            diagnostics.warnings.push(
                 "LISTEN_ADDR is set, asking for GoDoxy's Docker socket proxy; this agent does \
                  not provide one and listens only on the agent port"
                     .to_owned(),
             );
         }
         if !self.tls.require_client_cert {
-            self.warnings.push(
+            diagnostics.warnings.push(
                 "client certificates are NOT required: anyone who can reach the TLS port can \
                  open tunnels to any destination this host can reach. Set \
                  tls.require_client_cert = true and unset AGENT_SKIP_CLIENT_CERT_CHECK."
@@ -600,7 +616,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = Config::from_toml("", None, no_env).unwrap();
+        let (c, _) = Config::from_toml("", None, no_env).unwrap();
         assert_eq!(c.listen.tcp.port(), 8890);
         assert_eq!(c.stream.header_timeout, Duration::from_secs(10));
         assert!(c.tls.require_client_cert);
@@ -608,7 +624,7 @@ mod tests {
 
     #[test]
     fn empty_udp_disables() {
-        let c = Config::from_toml("[listen]\nudp = \"\"\n", None, no_env).unwrap();
+        let (c, _) = Config::from_toml("[listen]\nudp = \"\"\n", None, no_env).unwrap();
         assert!(c.listen.udp.is_none());
     }
 

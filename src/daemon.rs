@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::dtls::{self, UdpLimits, UdpShared};
-use crate::http_api::AgentInfo;
+use crate::http::{AgentInfo, HttpShared};
 use crate::stats::Stats;
 use crate::tcp_listener::{self, Shared};
 use crate::tls::TlsMaterial;
@@ -36,6 +36,10 @@ impl Daemon {
             .await
             .with_context(|| format!("listen.tcp: binding {}", config.listen.tcp))?;
         let stats = Arc::new(Stats::default());
+        let timeouts = Timeouts {
+            header: config.stream.header_timeout,
+            dial: config.stream.dial_timeout,
+        };
         let udp = match config.listen.udp {
             Some(addr) => {
                 let dtls = dtls::server_config(&material, config.tls.require_client_cert)
@@ -52,8 +56,7 @@ impl Daemon {
                 }
                 let limits = UdpLimits {
                     handshake_timeout: config.stream.handshake_timeout,
-                    header_timeout: config.stream.header_timeout,
-                    dial_timeout: config.stream.dial_timeout,
+                    timeouts,
                     idle_timeout: config.stream.udp_idle_timeout,
                     max_sessions: config.stream.max_udp_sessions.get(),
                     max_handshakes: config.stream.max_udp_handshakes.get(),
@@ -74,12 +77,12 @@ impl Daemon {
                 Arc::new(plain)
             },
             tls: server_config,
-            info: Arc::new(AgentInfo::new(&config)),
+            http: Arc::new(HttpShared {
+                info: AgentInfo::new(&config),
+                header_timeout: config.stream.header_timeout,
+            }),
             handshake_timeout: config.stream.handshake_timeout,
-            timeouts: Timeouts {
-                header: config.stream.header_timeout,
-                dial: config.stream.dial_timeout,
-            },
+            timeouts,
             stats,
         });
         Ok(Self {
@@ -88,6 +91,19 @@ impl Daemon {
             shared,
             udp,
         })
+    }
+
+    /// Loads and checks the TLS material as [`Daemon::bind`] would, binding nothing: what
+    /// `check-config` runs.
+    pub fn check_tls(config: &Config) -> anyhow::Result<()> {
+        crate::tls::install_default_provider();
+        let material = TlsMaterial::load(&config.tls)?;
+        material.server_config(config.tls.require_client_cert)?;
+        if config.listen.udp.is_some() {
+            dtls::server_config(&material, config.tls.require_client_cert)
+                .context("tls.key/tls.cert for DTLS")?;
+        }
+        Ok(())
     }
 
     /// The bound TLS address (tests bind port 0 and read it here).
@@ -108,8 +124,17 @@ impl Daemon {
     /// Serves until `shutdown` fires; then stops accepting, gives open tunnels
     /// `stream.shutdown_grace` to finish, and closes the rest.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.run_with_hard_stop(shutdown, CancellationToken::new())
+            .await
+    }
+
+    /// As [`Daemon::run`]; `hard_stop` also ends the grace period early (a second signal).
+    pub async fn run_with_hard_stop(
+        self,
+        shutdown: CancellationToken,
+        hard_stop: CancellationToken,
+    ) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
-        let hard_stop = CancellationToken::new();
         let limit = Arc::new(Semaphore::new(self.config.stream.max_connections.get()));
         let udp_addr = self.udp_addr();
         let demux = self.udp.clone().map(|(socket, shared)| {

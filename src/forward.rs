@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::client::{ClientTls, RecvError, UdpTunnel};
-use crate::tunnel::header::TunnelHeader;
+use crate::protocol::TunnelHeader;
 
 /// Where to forward to, and how.
 #[derive(Clone)]
@@ -67,7 +67,7 @@ pub async fn tcp(listener: TcpListener, forward: Forward, shutdown: Cancellation
                     %peer,
                     up,
                     down,
-                    duration_ms = started.elapsed().as_millis() as u64,
+                    duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                     "forwarded connection closed"
                 ),
                 Err(err) => info!(%peer, "forwarded connection ended: {err}"),

@@ -1,29 +1,40 @@
 //! godoxy-agent: a GoDoxy agent speaking the agent stream protocol.
 //!
 //! ```text
-//!               TLS :8890 (mTLS)                                 destination
-//! GoDoxy ──┬── ALPN godoxy-agent-stream/1 ─> tunnel::serve ──TCP──> host:port
-//!          ├── http/1.1 or none ──────────> http_api (/godoxy/agent/*)
-//!          └── DTLS :8890/udp ────────────> dtls (one session per peer) ──UDP──> host:port
+//!               TLS :8890 (mTLS)                                        destination
+//! GoDoxy ──┬── ALPN godoxy-agent-stream/1 ─> tunnel (tcp link) ──TCP──> host:port
+//!          ├── http/1.1 or none ──────────> http (/godoxy/agent/*)
+//!          └── DTLS :8890/udp ────────────> dtls ─> tunnel (udp link) ──UDP──> host:port
 //! ```
 //!
-//! `config` merges the TOML file and GoDoxy's environment variables; `daemon` binds and runs
-//! the listeners; `tunnel::header` is the 275-byte wire header; `client` is the other side.
+//! A tour, in the order a connection meets them:
+//! - `config`: the TOML file and GoDoxy's environment variables -> a validated [`Config`];
+//! - `daemon`: [`Daemon::bind`] binds every socket, [`Daemon::run`] serves until shutdown;
+//! - `tcp_listener`: the TLS port's accept loop, handshake, routing by ALPN (`alpn`);
+//! - `tls`: certificates and keys -> rustls and webrtc-dtls configurations; `certs` makes them;
+//! - `protocol`: the 275-byte header and the names both ends agree on;
+//! - `tunnel`: the one pipeline (header -> probe -> destination -> dial -> relay -> closing
+//!   line), with `tunnel::tcp` and `tunnel::udp` as its two transports;
+//! - `dtls`: the UDP side: demultiplexer, one session task per peer;
+//! - `http`: the HTTP API, one file per endpoint family;
+//! - `stats`: counters; `client` and `forward`: the other end, for the CLI, tests and benchmark.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod alpn;
+mod alpn;
 pub mod certs;
 pub mod client;
 pub mod config;
-pub mod daemon;
-pub mod dtls;
+mod daemon;
+mod dtls;
 pub mod forward;
-pub mod http_api;
-pub mod stats;
-pub mod tcp_listener;
-pub mod tls;
-pub mod tunnel;
+mod http;
+pub mod protocol;
+mod stats;
+mod tcp_listener;
+mod tls;
+mod tunnel;
 
 pub use config::Config;
 pub use daemon::Daemon;
+pub use stats::Stats;

@@ -2,6 +2,7 @@
 //! client commands live in `client_cmd`.
 
 mod client_cmd;
+mod signals;
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -11,10 +12,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use client_cmd::{CertArgs, client_command};
-use godoxy_agent::config::{Config, DEFAULT_CONFIG_PATH, PemSource};
+use godoxy_agent::config::{Config, DEFAULT_CONFIG_PATH, Diagnostics, PemSource};
 use godoxy_agent::{Daemon, certs};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Level, error, info, warn};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -161,7 +162,7 @@ fn main() -> ExitCode {
             certs,
         } => client_command(client_cmd::info(server, json, timeout, certs)),
         Command::Health { config, timeout } => match load_config(config.as_deref()) {
-            Ok(config) => client_command(client_cmd::health(config, timeout)),
+            Ok((config, _)) => client_command(client_cmd::health(config, timeout)),
             Err(code) => code,
         },
         Command::Forward {
@@ -182,16 +183,24 @@ fn init_logging() {
     // webrtc-dtls warns about every extension it does not know (openssl's clients send
     // several): keep its chatter out unless asked for with RUST_LOG.
     // `Targets` reads RUST_LOG's "level,target=level" form without a regex engine.
-    const DEFAULT: &str = "info,webrtc_dtls=error,webrtc_util=error";
+    let default = || {
+        Targets::new()
+            .with_default(Level::INFO)
+            .with_target("webrtc_dtls", Level::ERROR)
+            .with_target("webrtc_util", Level::ERROR)
+    };
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) => spec.parse::<Targets>().unwrap_or_else(|err| {
-            eprintln!("godoxy-agent: ignoring RUST_LOG={spec:?} ({err}); using {DEFAULT:?}");
-            DEFAULT.parse().unwrap_or_default()
+            eprintln!(
+                "godoxy-agent: ignoring RUST_LOG={spec:?} ({err}); \
+                 using info,webrtc_dtls=error,webrtc_util=error"
+            );
+            default()
         }),
-        Err(_) => DEFAULT.parse().unwrap_or_default(),
+        Err(_) => default(),
     };
     let logs = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
+        .with_max_level(Level::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
@@ -211,10 +220,10 @@ fn config_path(explicit: Option<&Path>) -> Option<PathBuf> {
     }
 }
 
-fn load_config(explicit: Option<&Path>) -> Result<Config, ExitCode> {
+fn load_config(explicit: Option<&Path>) -> Result<(Config, Diagnostics), ExitCode> {
     let path = config_path(explicit);
     match Config::load(path.as_deref()) {
-        Ok(config) => Ok(config),
+        Ok(loaded) => Ok(loaded),
         Err(errors) => {
             eprintln!("godoxy-agent: invalid configuration:");
             for err in &errors.0 {
@@ -226,14 +235,14 @@ fn load_config(explicit: Option<&Path>) -> Result<Config, ExitCode> {
 }
 
 fn run(explicit: Option<&Path>) -> ExitCode {
-    let config = match load_config(explicit) {
-        Ok(c) => c,
+    let (config, diagnostics) = match load_config(explicit) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    for warning in &config.warnings {
+    for warning in &diagnostics.warnings {
         warn!("{warning}");
     }
-    for notice in &config.notices {
+    for notice in &diagnostics.notices {
         info!("{notice}");
     }
     raise_fd_limit(&config);
@@ -257,10 +266,13 @@ fn run(explicit: Option<&Path>) -> ExitCode {
     };
     let result = runtime.block_on(async move {
         let daemon = Daemon::bind(config).await?;
-        let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
+        let (shutdown, hard_stop) = (CancellationToken::new(), CancellationToken::new());
+        tokio::spawn(signals::watch_with_hard_stop(
+            shutdown.clone(),
+            hard_stop.clone(),
+        ));
         notify_systemd(&daemon);
-        daemon.run(shutdown).await
+        daemon.run_with_hard_stop(shutdown, hard_stop).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -288,24 +300,6 @@ fn raise_fd_limit(config: &Config) {
         Ok(_) => {}
         Err(err) => warn!("raising the open-file limit: {err}"),
     }
-}
-
-pub(crate) async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    info!(signal = name, "shutdown requested");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    shutdown.cancel();
 }
 
 /// Tells systemd (Type=notify) that both listeners are bound, and keeps its watchdog fed from
@@ -374,8 +368,8 @@ fn certs_init(out: &Path, force: bool) -> ExitCode {
 }
 
 fn check_config(explicit: Option<&Path>) -> ExitCode {
-    let config = match load_config(explicit) {
-        Ok(c) => c,
+    let (config, diagnostics) = match load_config(explicit) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let mut problems = Vec::new();
@@ -383,14 +377,8 @@ fn check_config(explicit: Option<&Path>) -> ExitCode {
         && [&config.tls.ca, &config.tls.cert, &config.tls.key]
             .iter()
             .all(|s| matches!(s, PemSource::File(p) if !p.exists()));
-    if !will_generate {
-        godoxy_agent::tls::install_default_provider();
-        match godoxy_agent::tls::TlsMaterial::load(&config.tls)
-            .and_then(|m| m.server_config(config.tls.require_client_cert))
-        {
-            Ok(_) => {}
-            Err(err) => problems.push(format!("{err:#}")),
-        }
+    if !will_generate && let Err(err) = Daemon::check_tls(&config) {
+        problems.push(format!("{err:#}"));
     }
     if !problems.is_empty() {
         eprintln!("godoxy-agent: invalid configuration:");
@@ -399,7 +387,7 @@ fn check_config(explicit: Option<&Path>) -> ExitCode {
         }
         return ExitCode::FAILURE;
     }
-    for warning in &config.warnings {
+    for warning in &diagnostics.warnings {
         eprintln!("warning: {warning}");
     }
     match toml::to_string_pretty(&config) {

@@ -11,38 +11,41 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, debug, field, info, info_span, warn};
+use tracing::{Instrument as _, debug, field, info_span, warn};
 
 use crate::alpn::Alpn;
-use crate::http_api::{self, AgentInfo};
+use crate::http::{self, HttpShared};
 use crate::stats::Stats;
+use crate::tunnel::tcp::{TcpLink, tune};
 use crate::tunnel::{self, Timeouts};
 
 /// How long sending close_notify may take at the end of a connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
-const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Pauses after failed accepts (e.g. out of file descriptors): doubling from the first to the
+/// last while accepts keep failing, back to the first after a success.
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What every connection task needs.
-pub struct Shared {
+pub(crate) struct Shared {
     /// TLS with client authentication and the ALPN offer.
-    pub tls: Arc<rustls::ServerConfig>,
+    pub(crate) tls: Arc<rustls::ServerConfig>,
     /// The same without ALPN: for clients that offer only protocols we do not speak, which
     /// PROTOCOL.md routes to the HTTP API rather than refusing.
-    pub tls_no_alpn: Arc<rustls::ServerConfig>,
+    pub(crate) tls_no_alpn: Arc<rustls::ServerConfig>,
     /// For the HTTP API.
-    pub info: Arc<AgentInfo>,
+    pub(crate) http: Arc<HttpShared>,
     /// Time a client has to complete the TLS handshake.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// Tunnel timeouts.
-    pub timeouts: Timeouts,
+    pub(crate) timeouts: Timeouts,
     /// Counters.
-    pub stats: Arc<Stats>,
+    pub(crate) stats: Arc<Stats>,
 }
 
 /// Accepts until `shutdown` fires. Each connection runs in its own task on `tasks`; a tunnel
 /// keeps relaying after `shutdown` until `hard_stop`.
-pub async fn run(
+pub(crate) async fn run(
     listener: TcpListener,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
@@ -50,6 +53,7 @@ pub async fn run(
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) {
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
     loop {
         // Take the permit before accepting, so at the cap the kernel backlog pushes back.
         let Some(permit) = shutdown
@@ -63,10 +67,16 @@ pub async fn run(
             break;
         };
         let (tcp, peer) = match accepted {
-            Ok(conn) => conn,
+            Ok(conn) => {
+                backoff = ACCEPT_BACKOFF_FIRST;
+                conn
+            }
             Err(err) => {
-                warn!(%err, "accept failed; retrying");
-                sleep(ACCEPT_RETRY_DELAY).await;
+                warn!(%err, retry_in = ?backoff, "accept failed");
+                if shutdown.run_until_cancelled(sleep(backoff)).await.is_none() {
+                    break;
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
@@ -91,7 +101,7 @@ async fn serve_connection(
     hard_stop: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
-    tunnel::tune(&tcp);
+    tune(&tcp);
     let handshake = tokio::select! {
         r = timeout(shared.handshake_timeout, handshake(tcp, &shared)) => r,
         // Not a tunnel yet: no grace period.
@@ -126,44 +136,19 @@ async fn serve_connection(
     match alpn {
         Alpn::Stream => {
             let mut tls = tls;
-            let report = tunnel::serve(
-                &mut tls,
-                shared.timeouts,
-                &shared.stats,
-                &shutdown,
-                &hard_stop,
-            )
-            .await;
+            let cx = tunnel::Context {
+                timeouts: shared.timeouts,
+                stats: &shared.stats,
+                shutdown: &shutdown,
+                stop: &hard_stop,
+            };
+            let report = tunnel::serve(&mut TcpLink::new(&mut tls, &shared.stats), &cx).await;
             // close_notify (a relay has sent it already; this is then a no-op), bounded.
             let _ = timeout(CLOSE_TIMEOUT, tls.shutdown()).await;
-            let destination = report
-                .destination
-                .as_ref()
-                .map_or_else(|| "-".to_owned(), ToString::to_string);
-            let duration_ms = report.duration.as_millis() as u64;
-            macro_rules! log_end {
-                ($level:ident) => {
-                    $level!(
-                        destination,
-                        up = report.up,
-                        down = report.down,
-                        duration_ms,
-                        reason = %report.end,
-                        "tunnel closed"
-                    )
-                };
-            }
-            // Refusals and failures are worth an operator's look; normal ends are not.
-            if report.end.is_clean() || matches!(report.end, tunnel::End::Shutdown) {
-                log_end!(info);
-            } else {
-                log_end!(warn);
-            }
+            tunnel::log_closed(&report);
         }
         Alpn::Http => {
-            if let Err(err) =
-                http_api::serve(tls, shared.info.clone(), shared.timeouts.header, shutdown).await
-            {
+            if let Err(err) = http::serve(tls, shared.http.clone(), shutdown).await {
                 debug!("HTTP connection ended: {err:#}");
             }
         }

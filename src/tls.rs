@@ -3,25 +3,27 @@
 use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
+use p256::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use webrtc_dtls::crypto::{Certificate, CryptoPrivateKey};
 
 use crate::alpn::Alpn;
 use crate::config::{PemSource, TlsConfig};
 
 /// The crypto provider for TLS and DTLS alike: webrtc-dtls needs `ring`, and rustls can only
 /// pick a process default when exactly one provider is built in.
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// The provider for our client side, with TLS 1.3 suites in Go's order (AES-128-GCM first, as
 /// the GoDoxy server's crypto/tls offers them on hardware with AES): what the agent is measured
 /// against is what it will see.
-pub fn client_provider() -> Arc<CryptoProvider> {
+pub(crate) fn client_provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::cipher_suite as suite;
     let mut provider = rustls::crypto::ring::default_provider();
     let tls13_first = [
@@ -37,25 +39,23 @@ pub fn client_provider() -> Arc<CryptoProvider> {
 }
 
 /// Installs [`provider`] as the process default; harmless when already installed.
-pub fn install_default_provider() {
+pub(crate) fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Certificates and key, parsed.
-pub struct TlsMaterial {
+pub(crate) struct TlsMaterial {
     /// Trusted CA certificates for client authentication.
-    pub ca: Vec<CertificateDer<'static>>,
+    pub(crate) ca: Vec<CertificateDer<'static>>,
     /// The server's certificate chain, leaf first.
-    pub chain: Vec<CertificateDer<'static>>,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
     /// The server's private key.
-    pub key: PrivateKeyDer<'static>,
-    /// The key as PEM text, for loaders that parse it themselves (DTLS).
-    pub key_pem: Vec<u8>,
+    pub(crate) key: PrivateKeyDer<'static>,
 }
 
 impl TlsMaterial {
     /// Reads and parses the configured files or environment values.
-    pub fn load(config: &TlsConfig) -> anyhow::Result<Self> {
+    pub(crate) fn load(config: &TlsConfig) -> anyhow::Result<Self> {
         let ca_pem = read_pem(&config.ca, "tls.ca")?;
         let cert_pem = read_pem(&config.cert, "tls.cert")?;
         let key_pem = read_pem(&config.key, "tls.key")?;
@@ -64,16 +64,11 @@ impl TlsMaterial {
             parse_certs(&cert_pem).with_context(|| format!("tls.cert ({})", config.cert))?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|e| anyhow!("tls.key ({}): no usable private key: {e}", config.key))?;
-        Ok(Self {
-            ca,
-            chain,
-            key,
-            key_pem,
-        })
+        Ok(Self { ca, chain, key })
     }
 
     /// The rustls server configuration of the TLS port.
-    pub fn server_config(
+    pub(crate) fn server_config(
         &self,
         require_client_cert: bool,
     ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
@@ -112,7 +107,7 @@ impl TlsMaterial {
 }
 
 /// Reads one PEM source; the error names the key and where it was looked for.
-pub fn read_pem(source: &PemSource, key: &str) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_pem(source: &PemSource, key: &str) -> anyhow::Result<Vec<u8>> {
     match source {
         PemSource::File(path) => {
             std::fs::read(path).with_context(|| format!("{key}: reading {}", path.display()))
@@ -122,7 +117,7 @@ pub fn read_pem(source: &PemSource, key: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Every `CERTIFICATE` block of a PEM text; an error when there is none.
-pub fn parse_certs(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn parse_certs(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow!("bad PEM: {e}"))?;
@@ -133,9 +128,38 @@ pub fn parse_certs(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 }
 
 /// The subject of a peer's certificate in RFC 4514 form, for logs.
-pub fn subject(cert: &CertificateDer<'_>) -> String {
+pub(crate) fn subject(cert: &CertificateDer<'_>) -> String {
     match x509_parser::parse_x509_certificate(cert.as_ref()) {
         Ok((_, parsed)) => parsed.subject().to_string(),
         Err(_) => "<unparsable certificate>".to_owned(),
     }
+}
+
+/// A webrtc-dtls certificate from a chain and a P-256 key in any PEM form rustls reads.
+/// webrtc-dtls loads PKCS#8 only; GoDoxy writes SEC1: convert.
+pub(crate) fn dtls_certificate(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'_>,
+) -> anyhow::Result<Certificate> {
+    let secret = match key {
+        PrivateKeyDer::Sec1(der) => p256::SecretKey::from_sec1_der(der.secret_sec1_der())
+            .map_err(|e| anyhow!("SEC1 key is not a P-256 key: {e}"))?,
+        PrivateKeyDer::Pkcs8(der) => p256::SecretKey::from_pkcs8_der(der.secret_pkcs8_der())
+            .map_err(|e| anyhow!("PKCS#8 key is not a P-256 key: {e}"))?,
+        _ => {
+            return Err(anyhow!(
+                "UDP (DTLS) needs an ECDSA P-256 key, found another kind"
+            ));
+        }
+    };
+    let pkcs8 = secret
+        .to_pkcs8_der()
+        .map_err(|e| anyhow!("re-encoding the key as PKCS#8: {e}"))?;
+    let pair = rcgen::KeyPair::try_from(pkcs8.as_bytes()).context("loading the P-256 key")?;
+    let private_key =
+        CryptoPrivateKey::from_key_pair(&pair).map_err(|e| anyhow!("DTLS key: {e}"))?;
+    Ok(Certificate {
+        certificate: chain,
+        private_key,
+    })
 }

@@ -7,7 +7,7 @@
 //! its session ends; handshakes run in their own tasks under a timeout and a cap.
 
 mod peer;
-pub mod session;
+mod session;
 
 use std::collections::HashMap;
 use std::io;
@@ -15,27 +15,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use bytes::Bytes;
-use p256::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
 use rustls::RootCertStore;
-use rustls_pki_types::PrivateKeyDer;
 use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, field, info_span, warn};
-use webrtc_dtls::cipher_suite::CipherSuiteId;
 use webrtc_dtls::config::{ClientAuthType, Config as DtlsConfig, ExtendedMasterSecretType};
-use webrtc_dtls::crypto::{Certificate, CryptoPrivateKey};
 
 use self::peer::PeerConn;
+use crate::protocol::DTLS_CIPHER_SUITE;
 use crate::stats::Stats;
 use crate::tls::TlsMaterial;
+use crate::tunnel::Timeouts;
 
 /// Receive buffer asked of the kernel for the DTLS socket (capped by net.core.rmem_max).
-pub const SOCKET_RCVBUF: usize = 4 << 20;
+pub(crate) const SOCKET_RCVBUF: usize = 4 << 20;
 /// Datagrams queued per peer before the demultiplexer drops (and counts) more.
 const PEER_QUEUE: usize = 128;
 /// Largest datagram the socket reads.
@@ -46,39 +44,34 @@ const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 /// Offset of the handshake message type in a DTLS record (after the 13-byte record header).
 const RECORD_HEADER_LEN: usize = 13;
 
-/// The one cipher suite the GoDoxy server (pion/dtls) uses.
-pub const CIPHER_SUITE: CipherSuiteId = CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256;
-
 /// Limits and timeouts of the UDP side.
 #[derive(Debug, Clone, Copy)]
-pub struct UdpLimits {
+pub(crate) struct UdpLimits {
     /// DTLS handshake deadline.
-    pub handshake_timeout: Duration,
-    /// Deadline for the header record after the handshake.
-    pub header_timeout: Duration,
-    /// Resolving the destination.
-    pub dial_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
+    /// Header and dial deadlines.
+    pub(crate) timeouts: Timeouts,
     /// No datagram either way for this long ends a session.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Table entries (handshaking or established) at most.
-    pub max_sessions: usize,
+    pub(crate) max_sessions: usize,
     /// Handshakes in flight at most.
-    pub max_handshakes: usize,
+    pub(crate) max_handshakes: usize,
 }
 
 /// What every session task needs.
-pub struct UdpShared {
+pub(crate) struct UdpShared {
     /// The server's DTLS configuration.
-    pub dtls: DtlsConfig,
+    pub(crate) dtls: DtlsConfig,
     /// Limits.
-    pub limits: UdpLimits,
+    pub(crate) limits: UdpLimits,
     /// Counters.
-    pub stats: Arc<Stats>,
+    pub(crate) stats: Arc<Stats>,
 }
 
 /// The DTLS server configuration: the TLS port's certificate and CA, one cipher suite,
 /// Extended Master Secret required, client certificates required unless turned off.
-pub fn server_config(
+pub(crate) fn server_config(
     material: &TlsMaterial,
     require_client_cert: bool,
 ) -> anyhow::Result<DtlsConfig> {
@@ -89,8 +82,11 @@ pub fn server_config(
             .context("tls.ca: not a usable CA certificate")?;
     }
     Ok(DtlsConfig {
-        certificates: vec![certificate(material.chain.clone(), &material.key)?],
-        cipher_suites: vec![CIPHER_SUITE],
+        certificates: vec![crate::tls::dtls_certificate(
+            material.chain.clone(),
+            &material.key,
+        )?],
+        cipher_suites: vec![DTLS_CIPHER_SUITE],
         extended_master_secret: ExtendedMasterSecretType::Require,
         client_auth: if require_client_cert {
             ClientAuthType::RequireAndVerifyClientCert
@@ -102,38 +98,9 @@ pub fn server_config(
     })
 }
 
-/// A webrtc-dtls certificate from a chain and a P-256 key in any PEM form rustls reads.
-/// webrtc-dtls loads PKCS#8 only; GoDoxy writes SEC1: convert.
-pub fn certificate(
-    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
-    key: &PrivateKeyDer<'_>,
-) -> anyhow::Result<Certificate> {
-    let secret = match key {
-        PrivateKeyDer::Sec1(der) => p256::SecretKey::from_sec1_der(der.secret_sec1_der())
-            .map_err(|e| anyhow!("SEC1 key is not a P-256 key: {e}"))?,
-        PrivateKeyDer::Pkcs8(der) => p256::SecretKey::from_pkcs8_der(der.secret_pkcs8_der())
-            .map_err(|e| anyhow!("PKCS#8 key is not a P-256 key: {e}"))?,
-        _ => {
-            return Err(anyhow!(
-                "UDP (DTLS) needs an ECDSA P-256 key, found another kind"
-            ));
-        }
-    };
-    let pkcs8 = secret
-        .to_pkcs8_der()
-        .map_err(|e| anyhow!("re-encoding the key as PKCS#8: {e}"))?;
-    let pair = rcgen::KeyPair::try_from(pkcs8.as_bytes()).context("loading the P-256 key")?;
-    let private_key =
-        CryptoPrivateKey::from_key_pair(&pair).map_err(|e| anyhow!("DTLS key: {e}"))?;
-    Ok(Certificate {
-        certificate: chain,
-        private_key,
-    })
-}
-
 /// Binds the DTLS socket with a large receive buffer. Returns the socket and the buffer size
 /// the kernel granted.
-pub fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, usize)> {
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, usize)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     let _ = socket.set_recv_buffer_size(SOCKET_RCVBUF);
@@ -158,7 +125,7 @@ struct Entry {
 
 /// The demultiplexer. Runs until `hard_stop`, or until `shutdown` once the last session ended
 /// (sessions keep receiving through it during the grace period).
-pub async fn run(
+pub(crate) async fn run(
     socket: Arc<UdpSocket>,
     shared: Arc<UdpShared>,
     tasks: TaskTracker,

@@ -1,38 +1,71 @@
-//! The TCP stream tunnel: header (under a timeout) -> rule check -> dial -> copy both ways.
+//! One pipeline for both transports: header -> probe -> destination check -> dial -> relay ->
+//! one closing log line. A transport plugs in through [`Link`]: how it reads the header, dials
+//! and relays; everything between (and every rule about destinations) is written once here.
 
-pub mod header;
-pub mod relay;
+mod relay;
+pub(crate) mod tcp;
+pub(crate) mod udp;
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
+use tracing::field::display;
+use tracing::{info, warn};
 
+use crate::protocol::{Destination, DestinationError, HEADER_LEN, HeaderError, TunnelHeader};
 use crate::stats::Stats;
 
-pub use self::header::Destination;
-use self::header::{DestinationError, HEADER_LEN, HeaderError, Host, TunnelHeader};
-use self::relay::Relay;
-
-/// The timeouts a tunnel runs under.
+/// The deadlines of a tunnel's set-up.
 #[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     /// After the handshake, the time allowed to receive the header.
     pub header: Duration,
     /// Resolving and connecting to the destination.
     pub dial: Duration,
 }
 
+/// What a tunnel runs with. `shutdown` ends it while it is still waiting for its header or
+/// dialing; `stop` ends the relay at once (the daemon fires it when the grace period is over).
+pub(crate) struct Context<'a> {
+    pub timeouts: Timeouts,
+    pub stats: &'a Stats,
+    pub shutdown: &'a CancellationToken,
+    pub stop: &'a CancellationToken,
+}
+
+/// A transport's side of a tunnel: the authenticated client connection.
+pub(crate) trait Link {
+    /// For the closing log line.
+    const TRANSPORT: &'static str;
+    /// The agent's connection to the destination.
+    type Upstream;
+
+    /// Receives exactly the header (the pipeline bounds it with the header timeout).
+    async fn read_header(&mut self) -> Result<[u8; HEADER_LEN], End>;
+    /// Connects to a destination that passed every check.
+    async fn dial(&mut self, destination: &Destination) -> io::Result<Self::Upstream>;
+    /// Relays until the tunnel ends, counting into `counts`.
+    async fn relay(
+        &mut self,
+        upstream: Self::Upstream,
+        stop: &CancellationToken,
+        counts: &mut Counts,
+    ) -> End;
+}
+
 /// Why a tunnel ended.
 #[derive(Debug)]
-pub enum End {
-    /// Both directions reached EOF.
+pub(crate) enum End {
+    /// TCP: both directions reached EOF (or the client closed without close_notify after a
+    /// complete exchange, as many TLS clients do).
     Eof,
+    /// UDP: the client closed the session (close_notify or a fatal alert).
+    ClientClosed,
+    /// UDP: no datagram either way for the idle timeout.
+    Idle,
     /// A health probe: the header was valid; nothing was dialed.
     Probe,
     /// The header failed a wire check.
@@ -41,174 +74,179 @@ pub enum End {
     Rejected(DestinationError),
     /// No complete header within the header timeout.
     HeaderTimeout,
-    /// Connecting to the destination failed.
+    /// Resolving or connecting to the destination failed.
     DialFailed(io::Error),
     /// Connecting to the destination took longer than the dial timeout.
     DialTimeout,
-    /// A read or write failed while relaying (reset, TLS error).
+    /// A read or write failed while relaying (reset, TLS or DTLS error).
     Io(io::Error),
     /// The agent shut down while the tunnel was open.
     Shutdown,
 }
 
-impl fmt::Display for End {
+impl End {
+    /// The `reason` field: a stable short name.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Self::Eof => "eof",
+            Self::ClientClosed => "closed",
+            Self::Idle => "idle",
+            Self::Probe => "probe",
+            Self::InvalidHeader(_) => "invalid_header",
+            Self::Rejected(_) => "rejected",
+            Self::HeaderTimeout => "header_timeout",
+            Self::DialFailed(_) => "dial_failed",
+            Self::DialTimeout => "dial_timeout",
+            Self::Io(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset",
+            Self::Io(_) => "error",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    /// The `err` field, for ends that carry an error.
+    fn error(&self) -> Option<Detail<'_>> {
+        match self {
+            Self::InvalidHeader(e) => Some(Detail::Header(e)),
+            Self::Rejected(e) => Some(Detail::Destination(e)),
+            Self::DialFailed(e) | Self::Io(e) => Some(Detail::Io(e)),
+            _ => None,
+        }
+    }
+
+    /// The normal outcome of a well-behaved client (or of our own shutdown): logged at info;
+    /// refusals and failures are worth an operator's look and go out at warn.
+    fn is_normal(&self) -> bool {
+        matches!(
+            self,
+            Self::Eof | Self::ClientClosed | Self::Idle | Self::Probe | Self::Shutdown
+        )
+    }
+}
+
+/// The error of an [`End`], displayed without allocating.
+enum Detail<'a> {
+    Header(&'a HeaderError),
+    Destination(&'a DestinationError),
+    Io(&'a io::Error),
+}
+
+impl fmt::Display for Detail<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Eof => f.write_str("eof"),
-            Self::Probe => f.write_str("probe"),
-            Self::InvalidHeader(e) => write!(f, "invalid header ({}): {e}", e.check()),
-            Self::Rejected(e) => write!(f, "destination refused: {e}"),
-            Self::HeaderTimeout => f.write_str("timeout waiting for header"),
-            Self::DialFailed(e) => write!(f, "dial failed: {e}"),
-            Self::DialTimeout => f.write_str("dial timed out"),
-            Self::Io(e) if e.kind() == io::ErrorKind::ConnectionReset => write!(f, "reset: {e}"),
-            Self::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                f.write_str("eof (the client closed without close_notify)")
-            }
-            Self::Io(e) => write!(f, "error: {e}"),
-            Self::Shutdown => f.write_str("agent shutting down"),
+            Self::Header(e) => write!(f, "{} check: {e}", e.check()),
+            Self::Destination(e) => write!(f, "destination refused: {e}"),
+            Self::Io(e) => write!(f, "{e}"),
         }
     }
 }
 
-impl End {
-    /// Whether this end is the normal outcome of a well-behaved client.
-    pub fn is_clean(&self) -> bool {
-        match self {
-            Self::Eof | Self::Probe => true,
-            // Many TLS clients close the socket without close_notify after a complete exchange.
-            Self::Io(e) => e.kind() == io::ErrorKind::UnexpectedEof,
-            _ => false,
-        }
-    }
+/// Payload counted by a relay.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    /// Bytes from the client to the destination.
+    pub up_bytes: u64,
+    /// Bytes from the destination to the client.
+    pub down_bytes: u64,
+    /// UDP: datagrams from the client.
+    pub up_datagrams: u64,
+    /// UDP: datagrams to the client.
+    pub down_datagrams: u64,
+    /// UDP: datagrams from the destination too large for one record, dropped.
+    pub dropped: u64,
 }
 
 /// What happened in one tunnel: the material of its closing log line.
 #[derive(Debug)]
-pub struct Report {
+pub(crate) struct Report {
+    /// `tcp` or `udp`.
+    pub transport: &'static str,
     /// The checked destination, once the header named one.
     pub destination: Option<Destination>,
-    /// Where the agent's side of the destination connection was, once dialed.
-    pub local: Option<SocketAddr>,
-    /// Payload bytes from the client to the destination.
-    pub up: u64,
-    /// Payload bytes from the destination to the client.
-    pub down: u64,
-    /// Time from the header read start to the end.
+    /// What crossed.
+    pub counts: Counts,
+    /// From the start of the header read to the end.
     pub duration: Duration,
     /// Why it ended.
     pub end: End,
 }
 
-/// Serves one stream tunnel on an established (TLS) connection. `shutdown` ends it while it
-/// is still waiting for its header or dialing; `stop` ends the relay at once (the daemon
-/// cancels it when the shutdown grace period is over).
-pub async fn serve<S>(
-    client: &mut S,
-    timeouts: Timeouts,
-    stats: &Stats,
-    shutdown: &CancellationToken,
-    stop: &CancellationToken,
-) -> Report
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+/// Runs one tunnel on an authenticated client connection, from its header to its end.
+pub(crate) async fn serve<L: Link>(link: &mut L, cx: &Context<'_>) -> Report {
     let started = Instant::now();
     let mut report = Report {
+        transport: L::TRANSPORT,
         destination: None,
-        local: None,
-        up: 0,
-        down: 0,
+        counts: Counts::default(),
         duration: Duration::ZERO,
         end: End::Eof,
     };
-    report.end = run(client, timeouts, stats, shutdown, stop, &mut report).await;
+    report.end = match open(link, cx, &mut report.destination).await {
+        Ok(upstream) => link.relay(upstream, cx.stop, &mut report.counts).await,
+        Err(end) => end,
+    };
     report.duration = started.elapsed();
     report
 }
 
-async fn run<S>(
-    client: &mut S,
-    timeouts: Timeouts,
-    stats: &Stats,
-    shutdown: &CancellationToken,
-    stop: &CancellationToken,
-    report: &mut Report,
-) -> End
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    // Read exactly the header: no buffering, so payload sent behind it stays in the stream.
-    let mut bytes = [0u8; HEADER_LEN];
-    let read = tokio::select! {
-        r = timeout(timeouts.header, client.read_exact(&mut bytes)) => r,
-        () = shutdown.cancelled() => return End::Shutdown,
+/// Header, probe, destination rule, dial: the only way to a connected destination.
+async fn open<L: Link>(
+    link: &mut L,
+    cx: &Context<'_>,
+    destination: &mut Option<Destination>,
+) -> Result<L::Upstream, End> {
+    let bytes = tokio::select! {
+        r = timeout(cx.timeouts.header, link.read_header()) => r.map_err(|_| End::HeaderTimeout)??,
+        () = cx.shutdown.cancelled() => return Err(End::Shutdown),
     };
-    match read {
-        Err(_) => return End::HeaderTimeout,
-        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            return End::InvalidHeader(HeaderError::Short);
-        }
-        Ok(Err(e)) => return End::Io(e),
-        Ok(Ok(_)) => {}
-    }
-    let header = match TunnelHeader::decode(&bytes) {
-        Ok(header) => header,
-        Err(e) => return End::InvalidHeader(e),
-    };
+    let header = TunnelHeader::decode(&bytes).map_err(End::InvalidHeader)?;
     if header.is_probe() {
-        return End::Probe;
+        return Err(End::Probe);
     }
-    let destination = match header.destination() {
-        Ok(d) => d,
-        Err(e) => return End::Rejected(e),
-    };
-    report.destination = Some(destination.clone());
-
-    Stats::bump(&stats.dials);
-    let dial = tokio::select! {
-        r = timeout(timeouts.dial, dial(&destination)) => r,
-        () = shutdown.cancelled() => return End::Shutdown,
-    };
-    let mut upstream = match dial {
-        Err(_) => return End::DialTimeout,
-        Ok(Err(e)) => return End::DialFailed(e),
-        Ok(Ok(s)) => s,
-    };
-    report.local = upstream.local_addr().ok();
-    Stats::bump(&stats.tcp_tunnels);
-    tune(&upstream);
-
-    let mut relay = Relay::new();
-    let result = tokio::select! {
-        r = relay.run(client, &mut upstream) => Some(r),
-        () = stop.cancelled() => None,
-    };
-    report.up = relay.a_to_b();
-    report.down = relay.b_to_a();
-    match result {
-        None => End::Shutdown,
-        Some(Ok(())) => End::Eof,
-        Some(Err(e)) => End::Io(e),
+    let checked = header.destination().map_err(End::Rejected)?;
+    let checked = destination.insert(checked);
+    Stats::bump(&cx.stats.dials);
+    tokio::select! {
+        r = timeout(cx.timeouts.dial, link.dial(checked)) => match r {
+            Err(_) => Err(End::DialTimeout),
+            Ok(r) => r.map_err(End::DialFailed),
+        },
+        () = cx.shutdown.cancelled() => Err(End::Shutdown),
     }
 }
 
-/// Connects to a checked destination: IP literals directly, names through the resolver
-/// (every address it returns is tried in turn, IPv4 and IPv6 alike).
-pub async fn dial(destination: &Destination) -> io::Result<TcpStream> {
-    let port = destination.port.get();
-    match &destination.host {
-        Host::Ip(ip) => TcpStream::connect(SocketAddr::new(*ip, port)).await,
-        Host::Name(name) => TcpStream::connect((name.as_str(), port)).await,
+/// The one closing line of every tunnel, with the same fields for both transports (the
+/// datagram counts only for UDP). Peer and subject come from the connection's span.
+pub(crate) fn log_closed(report: &Report) {
+    let transport = report.transport;
+    let c = &report.counts;
+    let udp = transport == udp::TRANSPORT;
+    let destination: &dyn fmt::Display = match &report.destination {
+        Some(destination) => destination,
+        None => &"-",
+    };
+    let duration_ms = u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX);
+    let reason = report.end.reason();
+    let err = report.end.error().map(display);
+    macro_rules! closed {
+        ($level:ident) => {
+            $level!(
+                transport = %transport,
+                destination = %destination,
+                up_bytes = c.up_bytes,
+                down_bytes = c.down_bytes,
+                up_datagrams = udp.then_some(c.up_datagrams),
+                down_datagrams = udp.then_some(c.down_datagrams),
+                dropped = udp.then_some(c.dropped),
+                duration_ms,
+                reason = %reason,
+                err,
+                "tunnel closed"
+            )
+        };
     }
-}
-
-/// Latency and liveness options for both legs of a tunnel.
-pub fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    if report.end.is_normal() {
+        closed!(info);
+    } else {
+        closed!(warn);
+    }
 }

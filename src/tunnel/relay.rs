@@ -206,8 +206,12 @@ mod tests {
             relay.run(&mut a, &mut b).await.unwrap();
             (relay.a_to_b(), relay.b_to_a())
         });
-        let up: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
-        let down: Vec<u8> = (0..70_000u32).map(|i| (i * 13) as u8).collect();
+        let up: Vec<u8> = (0..100_000u32)
+            .map(|i| i.wrapping_mul(7).to_le_bytes()[0])
+            .collect();
+        let down: Vec<u8> = (0..70_000u32)
+            .map(|i| i.wrapping_mul(13).to_le_bytes()[0])
+            .collect();
         let (up2, down2) = (up.clone(), down.clone());
         let server_side = tokio::spawn(async move {
             let mut got = Vec::new();

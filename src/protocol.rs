@@ -1,4 +1,6 @@
-//! The 275-byte request header that opens every tunnel: pure encode/decode, no I/O.
+//! The agent stream protocol, shared by the server, the client and `forward`: the names and
+//! numbers both ends agree on, and the 275-byte header that opens every tunnel (pure
+//! encode/decode, no I/O). docs/PROTOCOL.md describes it in prose.
 //!
 //! | offset | size | field                                       |
 //! |-------:|-----:|---------------------------------------------|
@@ -13,6 +15,22 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::num::NonZeroU16;
+
+/// The name every GoDoxy agent certificate is issued for: SNI, and what clients verify.
+pub const SERVER_NAME: &str = "godoxy.agent";
+/// ALPN id of the TCP stream tunnel.
+pub const ALPN_STREAM: &[u8] = b"godoxy-agent-stream/1";
+/// ALPN id of the HTTP API.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// The one DTLS cipher suite the GoDoxy server (pion/dtls) offers and we accept.
+pub const DTLS_CIPHER_SUITE: webrtc_dtls::cipher_suite::CipherSuiteId =
+    webrtc_dtls::cipher_suite::CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256;
+/// Size of the buffer every DTLS record read uses: webrtc-dtls and pion read records into
+/// buffers of this size, and a record that does not fit is discarded.
+pub const DTLS_READ_BUF: usize = 8192;
+/// The largest datagram payload that crosses a UDP tunnel: 8192 minus a record's 37 bytes of
+/// overhead with AES-128-GCM (13 header, 8 explicit nonce, 16 tag).
+pub const MAX_PAYLOAD: usize = 8155;
 
 /// Size of the header on the wire.
 pub const HEADER_LEN: usize = 275;
@@ -101,17 +119,19 @@ impl TunnelHeader {
 
     /// A header from raw field bytes (tests use this to build refused destinations).
     pub fn from_raw(host: &[u8], port: &[u8], flag: u8) -> Result<Self, FieldTooLong> {
-        if host.len() > HOST_MAX {
-            return Err(FieldTooLong::Host(host.len()));
-        }
-        if port.len() > PORT_MAX {
-            return Err(FieldTooLong::Port(port.len()));
-        }
+        let host_len = u8::try_from(host.len())
+            .ok()
+            .filter(|&n| usize::from(n) <= HOST_MAX)
+            .ok_or(FieldTooLong::Host(host.len()))?;
+        let port_len = u8::try_from(port.len())
+            .ok()
+            .filter(|&n| usize::from(n) <= PORT_MAX)
+            .ok_or(FieldTooLong::Port(port.len()))?;
         let mut header = Self {
             host: [0; HOST_MAX],
-            host_len: host.len() as u8, // checked above: at most 255
+            host_len,
             port: [0; PORT_MAX],
-            port_len: port.len() as u8, // checked above: at most 5
+            port_len,
             flag,
         };
         header.host[..host.len()].copy_from_slice(host);

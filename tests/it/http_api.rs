@@ -1,13 +1,11 @@
 //! The HTTP API as GoDoxy and an operator see it: curl with the client certificate, openssl
 //! s_client negotiating the stream ALPN, and our own client speaking raw HTTP/1.1.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{TestDaemon, TestPki, curl, run};
+use crate::common::{TestDaemon, TestPki, curl, run};
 use godoxy_agent::client::ClientTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;

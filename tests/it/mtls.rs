@@ -1,15 +1,13 @@
 //! Client authentication and the time limits before a connection is trusted: no certificate,
 //! a certificate from another CA, silent clients before and after the handshake.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{TcpEcho, TestDaemon, TestPki, curl};
+use crate::common::{TcpEcho, TestDaemon, TestPki, curl};
+use godoxy_agent::Stats;
 use godoxy_agent::client::ClientTls;
-use godoxy_agent::stats::Stats;
-use godoxy_agent::tunnel::header::TunnelHeader;
+use godoxy_agent::protocol::TunnelHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -134,7 +132,8 @@ async fn skip_client_cert_check_admits_anonymous_clients() {
     let config = godoxy_agent::Config::from_toml(&text, None, |var| {
         (var == "AGENT_SKIP_CLIENT_CERT_CHECK").then(|| "true".to_owned())
     })
-    .unwrap();
+    .unwrap()
+    .0;
     assert!(!config.tls.require_client_cert);
     let daemon = TestDaemon::start_config(config).await;
     let echo = TcpEcho::start().await;

@@ -1,16 +1,14 @@
 //! UDP tunnels over DTLS through the real daemon: datagrams, concurrency, handshake isolation,
 //! refusals, idle sessions, resource return, and openssl interop.
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{TestDaemon, TestPki, UdpEcho, pattern};
+use crate::common::{TestDaemon, TestPki, UdpEcho, pattern};
 use godoxy_agent::client::{ClientTls, UdpTunnel};
-use godoxy_agent::dtls::session::MAX_PAYLOAD;
-use godoxy_agent::tunnel::header::TunnelHeader;
+use godoxy_agent::protocol::MAX_PAYLOAD;
+use godoxy_agent::protocol::TunnelHeader;
 use tokio::net::UdpSocket;
 
 const HANDSHAKE: Duration = Duration::from_secs(5);
@@ -271,7 +269,7 @@ async fn invalid_probe_and_rejected_headers_reach_no_destination() {
     let echo = UdpEcho::start().await;
     let client = pki.client();
     let server = daemon.udp.unwrap();
-    let v = common::vectors();
+    let v = crate::common::vectors();
     let mut headers: Vec<(String, Vec<u8>)> = v
         .invalid
         .iter()

@@ -1,18 +1,16 @@
 //! Configuration: file errors name the key and line, GoDoxy's environment variables win over
 //! the file, the example file loads, and both key encodings GoDoxy meets start a daemon.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::common::{TestDaemon, TestPki};
 use base64::Engine as _;
-use common::{TestDaemon, TestPki};
 use godoxy_agent::Config;
 use godoxy_agent::certs::CertSet;
 use godoxy_agent::client::ClientTls;
-use godoxy_agent::config::{ConfigError, ConfigErrors, PemSource, Runtime};
+use godoxy_agent::config::{ConfigError, ConfigErrors, Diagnostics, PemSource, Runtime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An environment made of `pairs` only.
@@ -38,9 +36,9 @@ fn b64(text: &str) -> String {
 }
 
 /// The errors of a load that must fail.
-fn errors_of(result: Result<Config, ConfigErrors>) -> ConfigErrors {
+fn errors_of(result: Result<(Config, Diagnostics), ConfigErrors>) -> ConfigErrors {
     match result {
-        Ok(config) => panic!("expected errors, got a config: {config:?}"),
+        Ok((config, _)) => panic!("expected errors, got a config: {config:?}"),
         Err(errors) => errors,
     }
 }
@@ -233,7 +231,9 @@ fn missing_file_names_the_path() {
 #[test]
 fn relative_tls_paths_are_taken_from_the_file_folder() {
     let text = "[tls]\nca = \"certs/ca.pem\"\ncert = \"/abs/server.pem\"\n";
-    let config = Config::from_toml(text, Some(Path::new("/etc/agent/agent.toml")), no_env).unwrap();
+    let config = Config::from_toml(text, Some(Path::new("/etc/agent/agent.toml")), no_env)
+        .unwrap()
+        .0;
     assert!(
         matches!(&config.tls.ca, PemSource::File(p) if p == Path::new("/etc/agent/certs/ca.pem"))
     );
@@ -250,7 +250,7 @@ fn relative_tls_paths_are_taken_from_the_file_folder() {
 fn env_name_port_runtime_override_the_file() {
     let text = "name = \"from-file\"\nruntime = \"docker\"\n\
                 [listen]\ntcp = \"127.0.0.1:1234\"\nudp = \"0.0.0.0:1235\"\n";
-    let config = Config::from_toml(text, None, no_env).unwrap();
+    let (config, _) = Config::from_toml(text, None, no_env).unwrap();
     assert_eq!(config.name, "from-file");
     assert_eq!(config.runtime, Runtime::Docker);
 
@@ -259,18 +259,24 @@ fn env_name_port_runtime_override_the_file() {
         ("AGENT_PORT", "9999"),
         ("RUNTIME", "podman"),
     ]);
-    let config = Config::from_toml(text, None, env).unwrap();
+    let (config, diagnostics) = Config::from_toml(text, None, env).unwrap();
     assert_eq!(config.name, "from-env");
     assert_eq!(config.runtime, Runtime::Podman);
     assert_eq!(config.listen.tcp, "127.0.0.1:9999".parse().unwrap());
     assert_eq!(config.listen.udp, Some("0.0.0.0:9999".parse().unwrap()));
-    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    assert!(
+        diagnostics.warnings.is_empty(),
+        "{:?}",
+        diagnostics.warnings
+    );
 }
 
 #[test]
 fn env_port_keeps_udp_disabled() {
     let text = "[listen]\ntcp = \"127.0.0.1:1234\"\nudp = \"\"\n";
-    let config = Config::from_toml(text, None, env_of(&[("AGENT_PORT", "8891")])).unwrap();
+    let config = Config::from_toml(text, None, env_of(&[("AGENT_PORT", "8891")]))
+        .unwrap()
+        .0;
     assert_eq!(config.listen.tcp.port(), 8891);
     assert_eq!(config.listen.udp, None);
 }
@@ -279,42 +285,43 @@ fn env_port_keeps_udp_disabled() {
 fn empty_env_values_are_ignored() {
     let text = "name = \"from-file\"\n";
     let env = env_of(&[("AGENT_NAME", ""), ("AGENT_PORT", " "), ("RUNTIME", "")]);
-    let config = Config::from_toml(text, None, env).unwrap();
+    let config = Config::from_toml(text, None, env).unwrap().0;
     assert_eq!(config.name, "from-file");
     assert_eq!(config.listen.tcp.port(), 8890);
 }
 
 #[test]
 fn skip_client_cert_check_turns_verification_off_with_a_warning() {
-    let config = Config::from_toml(
+    let (config, diagnostics) = Config::from_toml(
         "",
         None,
         env_of(&[("AGENT_SKIP_CLIENT_CERT_CHECK", "true")]),
     )
     .unwrap();
     assert!(!config.tls.require_client_cert);
-    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    assert_eq!(diagnostics.warnings.len(), 1, "{:?}", diagnostics.warnings);
     assert!(
-        config.warnings[0].contains("client certificates are NOT required"),
+        diagnostics.warnings[0].contains("client certificates are NOT required"),
         "{:?}",
-        config.warnings
+        diagnostics.warnings
     );
 
     // Go's strconv.ParseBool spellings; false keeps verification on.
     for (value, required) in [("1", false), ("True", false), ("false", true), ("0", true)] {
-        let config =
+        let (config, diagnostics) =
             Config::from_toml("", None, env_of(&[("AGENT_SKIP_CLIENT_CERT_CHECK", value)]))
                 .unwrap();
         assert_eq!(config.tls.require_client_cert, required, "{value}");
-        assert_eq!(config.warnings.is_empty(), required, "{value}");
+        assert_eq!(diagnostics.warnings.is_empty(), required, "{value}");
     }
 }
 
 #[test]
 fn file_turning_verification_off_also_warns() {
-    let config = Config::from_toml("[tls]\nrequire_client_cert = false\n", None, no_env).unwrap();
+    let (config, diagnostics) =
+        Config::from_toml("[tls]\nrequire_client_cert = false\n", None, no_env).unwrap();
     assert!(!config.tls.require_client_cert);
-    assert_eq!(config.warnings.len(), 1);
+    assert_eq!(diagnostics.warnings.len(), 1);
 }
 
 #[tokio::test]
@@ -333,7 +340,7 @@ async fn env_certificates_replace_the_files_and_serve() {
         ("AGENT_NAME", "env-agent"),
         ("RUNTIME", "podman"),
     ]);
-    let config = Config::from_toml(&text, None, env).unwrap();
+    let (config, diagnostics) = Config::from_toml(&text, None, env).unwrap();
 
     match &config.tls.ca {
         PemSource::Env { var, pem } => {
@@ -361,12 +368,12 @@ async fn env_certificates_replace_the_files_and_serve() {
         "env certificates must switch off generation"
     );
     assert!(config.tls.require_client_cert);
-    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    assert_eq!(diagnostics.warnings.len(), 1, "{:?}", diagnostics.warnings);
     assert!(
-        config.warnings[0].contains("AGENT_CA_CERT carries the CA private key")
-            && config.warnings[0].contains("dropped"),
+        diagnostics.warnings[0].contains("AGENT_CA_CERT carries the CA private key")
+            && diagnostics.warnings[0].contains("dropped"),
         "{:?}",
-        config.warnings
+        diagnostics.warnings
     );
     // Neither Debug nor Display shows key material.
     let debug = format!("{config:?}");
@@ -388,11 +395,16 @@ async fn env_certificates_replace_the_files_and_serve() {
 fn ca_cert_without_key_part_loads_without_warning() {
     let set = CertSet::generate().unwrap();
     for value in [b64(&set.ca_cert), format!("{};", b64(&set.ca_cert))] {
-        let config = Config::from_toml("", None, env_of(&[("AGENT_CA_CERT", &value)])).unwrap();
+        let (config, diagnostics) =
+            Config::from_toml("", None, env_of(&[("AGENT_CA_CERT", &value)])).unwrap();
         assert!(
             matches!(&config.tls.ca, PemSource::Env { pem, .. } if pem == set.ca_cert.as_bytes())
         );
-        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        assert!(
+            diagnostics.warnings.is_empty(),
+            "{:?}",
+            diagnostics.warnings
+        );
     }
 }
 
@@ -466,7 +478,7 @@ fn example_path() -> PathBuf {
 #[test]
 fn example_config_loads_with_the_documented_values() {
     let path = example_path();
-    let config = Config::load_with_env(Some(&path), no_env).unwrap();
+    let (config, diagnostics) = Config::load_with_env(Some(&path), no_env).unwrap();
     let certs = path.parent().unwrap().join("certs");
     assert!(!config.name.trim().is_empty());
     assert_eq!(config.runtime, Runtime::Docker);
@@ -493,14 +505,20 @@ fn example_config_loads_with_the_documented_values() {
     assert_eq!(s.max_udp_handshakes.get(), 256);
     assert_eq!(s.max_connections.get(), 4096);
     assert_eq!(s.shutdown_grace, Duration::from_secs(10));
-    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    assert!(
+        diagnostics.warnings.is_empty(),
+        "{:?}",
+        diagnostics.warnings
+    );
 }
 
 /// The example says its values are the defaults (except those marked "example").
 #[test]
 fn example_values_equal_the_defaults() {
-    let example = Config::load_with_env(Some(&example_path()), no_env).unwrap();
-    let defaults = Config::from_toml("", None, no_env).unwrap();
+    let example = Config::load_with_env(Some(&example_path()), no_env)
+        .unwrap()
+        .0;
+    let defaults = Config::from_toml("", None, no_env).unwrap().0;
     assert_eq!(example.runtime, defaults.runtime);
     assert_eq!(example.listen.tcp, defaults.listen.tcp);
     assert_eq!(example.listen.udp, defaults.listen.udp);
@@ -545,7 +563,7 @@ async fn sec1_server_key_loads() {
         pki.path("server.pem").display(),
         sec1.display(),
     ));
-    let config = Config::from_toml(&toml, None, no_env).unwrap();
+    let config = Config::from_toml(&toml, None, no_env).unwrap().0;
     let daemon = TestDaemon::start_config(config).await;
     assert_info(&pki.client(), daemon.addr, "test-agent", "docker").await;
     daemon.stop().await;
@@ -554,7 +572,7 @@ async fn sec1_server_key_loads() {
     let ssl = format!("{};{}", b64(&pki.set.server_cert), b64(&text));
     let ca = b64(&pki.set.ca_cert);
     let env = env_of(&[("AGENT_SSL_CERT", &ssl), ("AGENT_CA_CERT", &ca)]);
-    let config = Config::from_toml(&local_toml(""), None, env).unwrap();
+    let config = Config::from_toml(&local_toml(""), None, env).unwrap().0;
     let daemon = TestDaemon::start_config(config).await;
     assert_info(&pki.client(), daemon.addr, "test-agent", "docker").await;
     daemon.stop().await;
@@ -567,7 +585,8 @@ fn agent_name_replaces_an_empty_file_name() {
     let config = Config::from_toml("name = \"\"\n", None, |var| {
         (var == "AGENT_NAME").then(|| "env-name".to_owned())
     })
-    .unwrap();
+    .unwrap()
+    .0;
     assert_eq!(config.name, "env-name");
 }
 
@@ -591,7 +610,8 @@ async fn mismatched_or_missing_tls_files_are_refused_at_bind() {
         None,
         |_| None,
     )
-    .unwrap();
+    .unwrap()
+    .0;
     let err = godoxy_agent::Daemon::bind(config).await.err().unwrap();
     assert!(
         format!("{err:#}").contains("tls.cert and tls.key"),
@@ -607,7 +627,8 @@ async fn mismatched_or_missing_tls_files_are_refused_at_bind() {
         None,
         |_| None,
     )
-    .unwrap();
+    .unwrap()
+    .0;
     let err = godoxy_agent::Daemon::bind(config).await.err().unwrap();
     let text = format!("{err:#}");
     assert!(

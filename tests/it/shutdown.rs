@@ -1,13 +1,11 @@
 //! Graceful shutdown: listeners close at once, open tunnels get `shutdown_grace`, then the rest
 //! are closed and `run` returns Ok.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{TcpEcho, TestDaemon, TestPki, UdpEcho};
+use crate::common::{TcpEcho, TestDaemon, TestPki, UdpEcho};
 use godoxy_agent::client::UdpTunnel;
-use godoxy_agent::tunnel::header::TunnelHeader;
+use godoxy_agent::protocol::TunnelHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn header_to(addr: std::net::SocketAddr) -> TunnelHeader {

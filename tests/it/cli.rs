@@ -1,18 +1,16 @@
 //! The `godoxy-agent` command as an operator runs it: `certs init`, `check-config`, and `run`
 //! with its log lines and SIGTERM shutdown.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::{TcpEcho, TestPki};
 use base64::Engine as _;
-use common::{TcpEcho, TestPki};
 use godoxy_agent::client::ClientTls;
-use godoxy_agent::tunnel::header::TunnelHeader;
+use godoxy_agent::protocol::TunnelHeader;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -608,8 +606,8 @@ async fn run_serves_logs_tunnels_and_stops_on_sigterm() {
         echo.addr.to_string(),
         "{closed}"
     );
-    assert_eq!(field(&closed, "up"), "12", "{closed}");
-    assert_eq!(field(&closed, "down"), "12", "{closed}");
+    assert_eq!(field(&closed, "up_bytes"), "12", "{closed}");
+    assert_eq!(field(&closed, "down_bytes"), "12", "{closed}");
     field(&closed, "duration_ms")
         .parse::<u64>()
         .unwrap_or_else(|_| panic!("duration_ms not a number: {closed}"));

@@ -1,5 +1,4 @@
 //! Shared test fixtures: per-test PKI, an in-process daemon on 127.0.0.1:0, echo peers, vectors.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use godoxy_agent::Stats;
 use godoxy_agent::certs::CertSet;
 use godoxy_agent::client::ClientTls;
-use godoxy_agent::stats::Stats;
 use godoxy_agent::{Config, Daemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -101,14 +100,14 @@ impl TestDaemon {
 
     pub async fn start_with(pki: &TestPki, stream: &str) -> Self {
         let text = Self::config_text(pki, stream);
-        let config = Config::from_toml(&text, None, |_| None).unwrap();
+        let config = Config::from_toml(&text, None, |_| None).unwrap().0;
         Self::start_config(config).await
     }
 
     /// With the DTLS listener on 127.0.0.1:0.
     pub async fn start_udp(pki: &TestPki, stream: &str) -> Self {
         let text = Self::config_text_with_udp(pki, "127.0.0.1:0", stream);
-        let config = Config::from_toml(&text, None, |_| None).unwrap();
+        let config = Config::from_toml(&text, None, |_| None).unwrap().0;
         Self::start_config(config).await
     }
 
@@ -285,13 +284,6 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-/// Reads until EOF or error, returning what arrived and whether it ended in a clean EOF.
-pub async fn read_to_end_or_err<R: AsyncReadExt + Unpin>(r: &mut R) -> (Vec<u8>, bool) {
-    let mut out = Vec::new();
-    let clean = r.read_to_end(&mut out).await.is_ok();
-    (out, clean)
 }
 
 /// Path of the built binary, for tests that run the command.

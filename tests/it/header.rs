@@ -1,8 +1,6 @@
 //! The header codec against every entry of the shared test vectors.
 
-mod common;
-
-use godoxy_agent::tunnel::header::{HEADER_LEN, HeaderError, TunnelHeader, VERSION};
+use godoxy_agent::protocol::{HEADER_LEN, HeaderError, TunnelHeader, VERSION};
 
 #[test]
 fn vectors_copy_matches_shared_when_present() {
@@ -10,7 +8,7 @@ fn vectors_copy_matches_shared_when_present() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/protocol/vectors.json");
     match std::fs::read(&shared) {
         Ok(upstream) => assert_eq!(
-            std::fs::read(common::vectors_path()).unwrap(),
+            std::fs::read(crate::common::vectors_path()).unwrap(),
             upstream,
             "tests/data/vectors.json differs from ../shared/protocol/vectors.json: copy it again"
         ),
@@ -20,14 +18,14 @@ fn vectors_copy_matches_shared_when_present() {
 
 #[test]
 fn vector_file_agrees_with_constants() {
-    let v = common::vectors();
+    let v = crate::common::vectors();
     assert_eq!(v.header_size, HEADER_LEN);
-    assert_eq!(common::hex(&v.version), VERSION);
+    assert_eq!(crate::common::hex(&v.version), VERSION);
 }
 
 #[test]
 fn valid_vectors_decode_and_round_trip() {
-    let v = common::vectors();
+    let v = crate::common::vectors();
     assert!(!v.valid.is_empty());
     for vector in &v.valid {
         let bytes: [u8; HEADER_LEN] = vector.bytes().try_into().unwrap();
@@ -77,7 +75,7 @@ fn valid_vectors_decode_and_round_trip() {
 
 #[test]
 fn invalid_vectors_are_refused_with_their_reason() {
-    let v = common::vectors();
+    let v = crate::common::vectors();
     assert!(!v.invalid.is_empty());
     for vector in &v.invalid {
         let bytes = vector.bytes();
@@ -93,7 +91,7 @@ fn invalid_vectors_are_refused_with_their_reason() {
 
 #[test]
 fn rejected_destination_vectors_decode_but_are_refused() {
-    let v = common::vectors();
+    let v = crate::common::vectors();
     assert!(!v.rejected_destination.is_empty());
     for vector in &v.rejected_destination {
         let bytes: [u8; HEADER_LEN] = vector.bytes().try_into().unwrap();
@@ -106,7 +104,7 @@ fn rejected_destination_vectors_decode_but_are_refused() {
 }
 
 mod properties {
-    use godoxy_agent::tunnel::header::{HEADER_LEN, TunnelHeader};
+    use godoxy_agent::protocol::{HEADER_LEN, TunnelHeader};
     use proptest::prelude::*;
 
     proptest! {

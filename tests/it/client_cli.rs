@@ -1,12 +1,10 @@
 //! The client commands (`probe`, `info`, `forward`) run as a user would, against the real agent.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TcpEcho, TestDaemon, TestPki, UdpEcho, bin, pattern};
+use crate::common::{TcpEcho, TestDaemon, TestPki, UdpEcho, bin, pattern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -67,7 +65,9 @@ async fn probe_all_on_one_port_and_failures_exit_1() {
         "tcp = \"127.0.0.1:0\"",
         &format!("tcp = \"127.0.0.1:{port}\""),
     );
-    let config = godoxy_agent::Config::from_toml(&text, None, |_| None).unwrap();
+    let config = godoxy_agent::Config::from_toml(&text, None, |_| None)
+        .unwrap()
+        .0;
     let daemon = TestDaemon::start_config(config).await;
     let server = format!("127.0.0.1:{port}");
     let (code, out, _) = run(&["probe", "--server", &server, "--certs", &certs(&pki)]).await;
@@ -311,7 +311,9 @@ async fn health_needs_no_client_certificate() {
     );
     let file = pki.path("agent.toml");
     std::fs::write(&file, &text).unwrap();
-    let config = godoxy_agent::Config::from_toml(&text, None, |_| None).unwrap();
+    let config = godoxy_agent::Config::from_toml(&text, None, |_| None)
+        .unwrap()
+        .0;
     let daemon = TestDaemon::start_config(config).await;
     let file = file.display().to_string();
     let (code, out, err) = run(&["health", "--config", &file]).await;

@@ -1,11 +1,9 @@
 //! TCP stream tunnels through the real daemon: bytes, half-close, concurrency, refusals.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{TcpEcho, TestDaemon, TestPki, pattern};
-use godoxy_agent::tunnel::header::TunnelHeader;
+use crate::common::{TcpEcho, TestDaemon, TestPki, pattern};
+use godoxy_agent::protocol::TunnelHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -166,7 +164,7 @@ async fn probe_closes_and_dials_nothing() {
 async fn invalid_and_rejected_vectors_close_without_dialing() {
     let pki = TestPki::new();
     let daemon = TestDaemon::start(&pki).await;
-    let v = common::vectors();
+    let v = crate::common::vectors();
     for vector in v.invalid.iter().chain(&v.rejected_destination) {
         let mut tls = pki.client().connect_stream(daemon.addr).await.unwrap();
         tls.write_all(&vector.bytes()).await.unwrap();

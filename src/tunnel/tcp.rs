@@ -1,0 +1,99 @@
+//! The TCP side of the pipeline: the header is the first 275 bytes of the TLS stream, the
+//! destination a TCP connection, the relay a half-closing copy both ways.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::relay::Relay;
+use super::{Counts, End, Link};
+use crate::protocol::{Destination, HEADER_LEN, HeaderError, Host};
+use crate::stats::Stats;
+
+/// The `transport` field of TCP tunnels.
+pub(crate) const TRANSPORT: &str = "tcp";
+
+/// An authenticated TLS stream that carries one tunnel.
+pub(crate) struct TcpLink<'a, S> {
+    client: &'a mut S,
+    stats: &'a Stats,
+}
+
+impl<'a, S> TcpLink<'a, S> {
+    pub(crate) fn new(client: &'a mut S, stats: &'a Stats) -> Self {
+        Self { client, stats }
+    }
+}
+
+impl<S> Link for TcpLink<'_, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    const TRANSPORT: &'static str = TRANSPORT;
+    type Upstream = TcpStream;
+
+    async fn read_header(&mut self) -> Result<[u8; HEADER_LEN], End> {
+        // Exactly the header, no buffering: payload sent behind it stays in the stream.
+        let mut bytes = [0u8; HEADER_LEN];
+        match self.client.read_exact(&mut bytes).await {
+            Ok(_) => Ok(bytes),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(End::InvalidHeader(HeaderError::Short))
+            }
+            Err(e) => Err(End::Io(e)),
+        }
+    }
+
+    async fn dial(&mut self, destination: &Destination) -> io::Result<TcpStream> {
+        let upstream = dial(destination).await?;
+        Stats::bump(&self.stats.tcp_tunnels);
+        tune(&upstream);
+        Ok(upstream)
+    }
+
+    async fn relay(
+        &mut self,
+        mut upstream: TcpStream,
+        stop: &CancellationToken,
+        counts: &mut Counts,
+    ) -> End {
+        let mut relay = Relay::new();
+        let result = tokio::select! {
+            r = relay.run(self.client, &mut upstream) => Some(r),
+            () = stop.cancelled() => None,
+        };
+        counts.up_bytes = relay.a_to_b();
+        counts.down_bytes = relay.b_to_a();
+        match result {
+            None => End::Shutdown,
+            Some(Ok(())) => End::Eof,
+            // Many TLS clients close the socket without close_notify after a complete exchange.
+            Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => End::Eof,
+            Some(Err(e)) => End::Io(e),
+        }
+    }
+}
+
+/// Connects to a checked destination: IP literals directly, names through the resolver
+/// (every address it returns is tried in turn, IPv4 and IPv6 alike).
+async fn dial(destination: &Destination) -> io::Result<TcpStream> {
+    let port = destination.port.get();
+    match &destination.host {
+        Host::Ip(ip) => TcpStream::connect(SocketAddr::new(*ip, port)).await,
+        Host::Name(name) => TcpStream::connect((name.as_str(), port)).await,
+    }
+}
+
+/// Latency and liveness options for both legs of a tunnel.
+pub(crate) fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}

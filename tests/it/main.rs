@@ -1,0 +1,19 @@
+//! The integration tests: one binary (one link), one module per externally visible behaviour,
+//! all against the real daemon, real clients and real peers on 127.0.0.1.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+mod common;
+
+mod cli;
+mod client_cli;
+mod config;
+mod dtls;
+mod header;
+mod http_api;
+mod mtls;
+mod shutdown;
+mod tunnel;
