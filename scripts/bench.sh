@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark the agent against stunnel4, socat and direct connections on 127.0.0.1.
-# Installs socat and stunnel4 when missing, raises the open-files limit (the memory section
-# holds 1000 tunnels: 2000+ fds here and in the agent), builds the release binaries and runs
-# `bench` with the given arguments, e.g.:
+# The setup the benchmark (the workspace member bench/) does not do itself: installs socat and
+# stunnel4 when missing, raises the open-files limit (the memory section holds 1000 tunnels:
+# 2000+ fds here and in the agent), builds the agent and the bench in release mode, then runs
+# the bench on that agent with the given arguments, e.g.:
 #   scripts/bench.sh --out bench.json
 #   scripts/bench.sh --quick --only tcp,rtt
 set -euo pipefail
@@ -20,5 +21,6 @@ fi
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release --bins
-exec target/release/bench --no-build "$@"
+cargo build --release -p godoxy-agent -p godoxy-agent-bench
+target="${CARGO_TARGET_DIR:-target}"
+exec "$target/release/bench" --agent "$target/release/godoxy-agent" "$@"

@@ -345,40 +345,20 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Installs socat and stunnel4 with apt-get when either is missing (`apt-get update` first
-/// only when a plain install fails). Returns (socat, stunnel).
-pub fn ensure_tools(install: bool) -> Result<(PathBuf, PathBuf)> {
-    let find = || {
-        (
-            which("socat"),
-            which("stunnel4").or_else(|| which("stunnel")),
+/// socat and stunnel (`stunnel4` or `stunnel`) from PATH: (socat, stunnel). The bench installs
+/// nothing itself; scripts/bench.sh does.
+pub fn find_tools() -> Result<(PathBuf, PathBuf)> {
+    let missing = |package: &str| {
+        anyhow!(
+            "{package} not found on PATH: install the {package} package \
+             (`apt-get install -y {package}`), or run scripts/bench.sh, which installs it"
         )
     };
-    if let (Some(s), Some(t)) = find() {
-        return Ok((s, t));
-    }
-    if !install {
-        bail!("socat or stunnel4 is missing (and --no-install was given)");
-    }
-    let apt = |args: &[&str]| {
-        eprintln!("bench: apt-get {}", args.join(" "));
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    let packages = ["install", "-y", "socat", "stunnel4"];
-    if !apt(&packages) {
-        apt(&["update"]);
-        apt(&packages);
-    }
-    match find() {
-        (Some(s), Some(t)) => Ok((s, t)),
-        _ => bail!("socat and stunnel4 are needed: `apt-get install -y socat stunnel4` failed"),
-    }
+    let socat = which("socat").ok_or_else(|| missing("socat"))?;
+    let stunnel = which("stunnel4")
+        .or_else(|| which("stunnel"))
+        .ok_or_else(|| missing("stunnel4"))?;
+    Ok((socat, stunnel))
 }
 
 /// The first line a tool prints about its version.

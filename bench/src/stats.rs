@@ -1,6 +1,9 @@
-//! Medians over runs, percentiles over samples, and the pass/fail checks of the targets.
+//! Medians over runs, percentiles over samples, the pass/fail checks of the targets, and the
+//! plain-text tables every section prints.
 
 use serde::Serialize;
+
+use crate::load::Cpu;
 
 /// The median, min and max of one figure over the runs.
 #[derive(Clone, Debug, Serialize)]
@@ -96,15 +99,70 @@ impl Check {
     }
 }
 
+/// A plain text table with aligned columns.
+pub fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            width[i] = width[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = width[i]))
+            .collect::<Vec<_>>()
+            .join(" | ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = line(head.iter().map(|s| s.to_string()).collect());
+    out.push('\n');
+    out.push_str(
+        &width
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-|-"),
+    );
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+/// `a >= factor * b` (or `<=` with `at_most`), with the figures spelled out.
+pub fn ratio_check(target: &str, a: f64, b: f64, factor: f64, at_most: bool, unit: &str) -> Check {
+    let ratio = if b > 0.0 { a / b } else { f64::INFINITY };
+    let pass = if at_most {
+        ratio <= factor
+    } else {
+        ratio >= factor
+    };
+    Check::new(
+        target,
+        format!("{a:.2} vs {b:.2} {unit}: {ratio:.2}x"),
+        pass,
+    )
+}
+
+/// The summary of one figure derived from each run's CPU reading.
+pub fn cpu_summary(runs: &[Cpu], f: impl Fn(&Cpu) -> f64) -> Option<Summary> {
+    Summary::of(&runs.iter().map(f).collect::<Vec<_>>())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn median_and_percentiles() {
-        let s = Summary::of(&[3.0, 1.0, 2.0]).unwrap();
-        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
-        assert_eq!(Summary::of(&[1.0, 2.0]).unwrap().median, 1.5);
+        let s = Summary::of(&[3.0, 1.0, 2.0]).map(|s| (s.median, s.min, s.max));
+        assert_eq!(s, Some((2.0, 1.0, 3.0)));
+        assert_eq!(Summary::of(&[1.0, 2.0]).map(|s| s.median), Some(1.5));
+        assert!(Summary::of(&[]).is_none());
         let v: Vec<u64> = (1..=100).collect();
         assert_eq!(percentile(&v, 50.0), 50);
         assert_eq!(percentile(&v, 99.0), 99);

@@ -1,24 +1,23 @@
-//! The UDP workload: 1200-byte datagrams, a window of 64 in flight per session, through a
-//! DTLS session to the agent (the library's `ClientTls::open_udp`) or straight to the echo.
+//! The `udp` section: 1200-byte datagrams with a window in flight, on 1 session then on 8, through
+//! the agent's DTLS and straight to the echo; and the windowed datagram workload itself.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
-use godoxy_agent::client::UdpTunnel;
+use anyhow::{Result, bail};
 use serde::Serialize;
-use tokio::net::UdpSocket;
+use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
-use crate::load::{Cpu, Endpoints, Meter};
-use crate::stats::percentile;
+use crate::dgram::{Dgram, PAYLOAD, WARM_SEQ, check, fill};
+use crate::harness::Bench;
+use crate::load::{Cpu, Meter, Target};
+use crate::stats::{Check, Summary, percentile, ratio_check, show, table};
 
-/// Payload bytes per datagram.
-pub const PAYLOAD: usize = 1200;
 /// Datagrams in flight per session.
 pub const WINDOW: usize = 64;
 /// No reply for this long with the window full: one in-flight datagram is taken as lost and
@@ -26,117 +25,159 @@ pub const WINDOW: usize = 64;
 const STALL: Duration = Duration::from_millis(200);
 /// After the last send, wait this long for stragglers before counting the rest as lost.
 const DRAIN: Duration = Duration::from_secs(1);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Sequence number of warm-up datagrams (not counted).
-const WARM_SEQ: u64 = u64::MAX;
-const SEQ_PATTERN: usize = 251;
 
-/// One session's transport.
-pub enum Dgram {
-    /// A DTLS session through the agent.
-    Dtls(Box<UdpTunnel>),
-    /// A plain UDP socket connected to the echo.
-    Plain(UdpSocket),
-}
-
-impl Dgram {
-    /// A DTLS session to the agent naming the UDP echo (the header is sent).
-    pub async fn agent(ep: &Endpoints) -> Result<Self> {
-        let tunnel = ep
-            .tls
-            .open_udp(ep.agent_udp, &ep.udp_header()?, HANDSHAKE_TIMEOUT)
-            .await?;
-        Ok(Self::Dtls(Box::new(tunnel)))
-    }
-
-    /// A socket straight to the UDP echo.
-    pub async fn direct(echo: SocketAddr) -> Result<Self> {
-        let socket = UdpSocket::bind("127.0.0.1:0").await?;
-        socket.connect(echo).await?;
-        Ok(Self::Plain(socket))
-    }
-
-    async fn send(&self, payload: &[u8]) -> Result<()> {
-        match self {
-            Self::Dtls(t) => t.send(payload).await,
-            Self::Plain(s) => {
-                s.send(payload).await?;
-                Ok(())
-            }
-        }
-    }
-
-    /// `Ok(None)` when nothing came within `within`.
-    async fn recv(&self, buf: &mut [u8], within: Duration) -> Result<Option<usize>> {
-        match self {
-            // DTLSConn::read is cancel safe (a channel receive): an outer timeout tells a
-            // quiet moment apart from an error.
-            Self::Dtls(t) => {
-                match timeout(within, t.recv(buf, within + Duration::from_secs(1))).await {
-                    Err(_) => Ok(None),
-                    Ok(Ok(Some(n))) => Ok(Some(n)),
-                    Ok(Ok(None)) => bail!("the agent closed the session"),
-                    Ok(Err(e)) => Err(anyhow!("{e}")),
-                }
-            }
-            Self::Plain(s) => match timeout(within, s.recv(buf)).await {
-                Err(_) => Ok(None),
-                Ok(r) => Ok(Some(r?)),
-            },
-        }
-    }
-
-    /// Closes the session (close_notify for DTLS).
-    pub async fn close(self) {
-        if let Self::Dtls(t) = self {
-            (*t).close().await;
-        }
-    }
-
-    /// Sends one warm-up datagram until it comes back (the session is then set up at the
-    /// agent: its socket to the echo exists).
-    pub async fn warm_up(&self) -> Result<()> {
-        let mut payload = vec![0u8; PAYLOAD];
-        fill(&mut payload, WARM_SEQ, 0);
-        let mut buf = vec![0u8; 8192];
-        for _ in 0..5 {
-            self.send(&payload).await?;
-            let deadline = Instant::now() + Duration::from_secs(1);
-            while Instant::now() < deadline {
-                if let Some(n) = self.recv(&mut buf, Duration::from_millis(200)).await?
-                    && buf[..n] == payload[..]
-                {
-                    return Ok(());
+impl Bench {
+    /// UDP datagrams/s, loss and RTT, agent against direct.
+    pub fn section_udp(&mut self) -> Result<()> {
+        let mut agent = self.start_agent()?;
+        let ep = Arc::new(self.endpoints(&agent));
+        let (n, sessions, runs) = (self.sizes.udp, self.sizes.udp_sessions, self.sizes.runs);
+        // Every session sends n datagrams, also with 8 at once.
+        let cases = [(1usize, n), (sessions, n)];
+        let mut results: BTreeMap<(usize, &str), Vec<UdpRun>> = BTreeMap::new();
+        for round in 0..runs {
+            for &(count, per) in &cases {
+                for t in [Target::Agent, Target::Direct] {
+                    self.ensure_running(&mut agent)?;
+                    let meter = Meter::new(self.proxy_pid(&agent, t));
+                    let e = ep.clone();
+                    let r = self.block(async move {
+                        let mut open = Vec::with_capacity(count);
+                        for _ in 0..count {
+                            let d = match t {
+                                Target::Agent => Dgram::agent(&e).await?,
+                                _ => Dgram::direct(e.echo_udp).await?,
+                            };
+                            d.warm_up().await?;
+                            open.push(Arc::new(d));
+                        }
+                        let (run, open) = run(open, per, &meter, Duration::from_secs(300)).await?;
+                        for d in open {
+                            if let Ok(d) = Arc::try_unwrap(d) {
+                                d.close().await;
+                            }
+                        }
+                        anyhow::Ok(run)
+                    })??;
+                    eprintln!(
+                        "bench: udp round {}/{runs} {count} session(s) {}: {:.0} datagrams/s, \
+                         {} lost",
+                        round + 1,
+                        t.name(),
+                        r.dgrams_per_s,
+                        r.lost
+                    );
+                    results.entry((count, t.name())).or_default().push(r);
                 }
             }
         }
-        Err(anyhow!("no warm-up datagram came back in 5 tries"))
+        let mut rows = Vec::new();
+        let mut section = serde_json::Map::new();
+        for &(count, per) in &cases {
+            for t in [Target::Agent, Target::Direct] {
+                let r = &results[&(count, t.name())];
+                let f =
+                    |g: &dyn Fn(&UdpRun) -> f64| Summary::of(&r.iter().map(g).collect::<Vec<_>>());
+                let dps = f(&|x| x.dgrams_per_s);
+                let mbps = f(&|x| x.mb_per_s);
+                let p50 = f(&|x| x.rtt_p50_us);
+                let cpu_us = f(&|x| x.cpu.proxy_s / x.received.max(1) as f64 * 1e6);
+                let sys = f(&|x| x.cpu.proxy_sys_s / x.cpu.proxy_s.max(1e-9) * 100.0);
+                let client = f(&|x| x.cpu.client_s / x.received.max(1) as f64 * 1e6);
+                let machine = f(&|x| x.cpu.machine_s / x.cpu.wall_s * 100.0);
+                let lost: u64 = r.iter().map(|x| x.lost).sum();
+                let stalls: u64 = r.iter().map(|x| x.stalls).sum();
+                let kernel: u64 = r.iter().map(|x| x.kernel_udp_errors[1]).sum();
+                rows.push(vec![
+                    format!("{count} x {per}"),
+                    t.name().to_owned(),
+                    show(dps.as_ref(), 0),
+                    show(mbps.as_ref(), 1),
+                    lost.to_string(),
+                    show(p50.as_ref(), 0),
+                    if t == Target::Direct {
+                        "-".to_owned()
+                    } else {
+                        show(cpu_us.as_ref(), 1)
+                    },
+                    if t == Target::Direct {
+                        "-".to_owned()
+                    } else {
+                        show(sys.as_ref(), 0)
+                    },
+                    show(client.as_ref(), 1),
+                    show(machine.as_ref(), 0),
+                    format!("{stalls}/{kernel}"),
+                ]);
+                section.insert(
+                    format!("{}_{count}", t.name()),
+                    json!({"sessions": count, "datagrams_per_session": per,
+                           "datagrams_per_s": dps, "mb_per_s": mbps, "rtt_p50_us": p50,
+                           "agent_cpu_us_per_datagram": cpu_us, "agent_kernel_pct": sys,
+                           "client_cpu_us_per_datagram": client, "machine_busy_pct": machine,
+                           "lost_all_runs": lost, "runs": r}),
+                );
+            }
+        }
+        let med = |count: usize, t: Target| {
+            Summary::of(
+                &results[&(count, t.name())]
+                    .iter()
+                    .map(|x| x.dgrams_per_s)
+                    .collect::<Vec<_>>(),
+            )
+            .map_or(0.0, |s| s.median)
+        };
+        let lost8: u64 = results[&(sessions, "agent")].iter().map(|x| x.lost).sum();
+        let sent8: u64 = results[&(sessions, "agent")].iter().map(|x| x.sent).sum();
+        let checks = [
+            ratio_check(
+                "UDP 1 session >= 0.55x direct datagrams/s",
+                med(1, Target::Agent),
+                med(1, Target::Direct),
+                0.55,
+                false,
+                "datagrams/s",
+            ),
+            Check::new(
+                format!("UDP {sessions} sessions: 0 loss"),
+                format!("{lost8} of {sent8} lost over {runs} run(s)"),
+                lost8 == 0,
+            ),
+        ];
+        println!(
+            "\n== UDP, {}-byte datagrams, {} in flight per session; {sessions} sessions \
+             each send {n} too; RTT at full window; CPU per echoed datagram; stalls = window \
+             full for 200 ms, rcvbuf drops = kernel UDP RcvbufErrors (machine-wide)\n{}",
+            PAYLOAD,
+            WINDOW,
+            table(
+                &[
+                    "sessions x datagrams",
+                    "target",
+                    "datagrams/s",
+                    "MB/s",
+                    "lost (all runs)",
+                    "RTT p50 us",
+                    "agent CPU us/dgram",
+                    "agent kernel %",
+                    "client CPU us/dgram",
+                    "machine busy %",
+                    "stalls/rcvbuf drops"
+                ],
+                &rows
+            )
+        );
+        for c in checks {
+            println!("{}", c.line());
+            self.checks.push(c);
+        }
+        if let Some(note) = agent.log_note() {
+            println!("{note}");
+        }
+        self.json.insert("udp".into(), Value::Object(section));
+        Ok(())
     }
-}
-
-fn seq_pattern() -> &'static [u8] {
-    static P: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    P.get_or_init(|| {
-        (0..PAYLOAD + SEQ_PATTERN)
-            .map(|i| (i * 7 + 3) as u8)
-            .collect()
-    })
-}
-
-fn fill(buf: &mut [u8], seq: u64, session: u32) {
-    buf[..8].copy_from_slice(&seq.to_le_bytes());
-    buf[8..12].copy_from_slice(&session.to_le_bytes());
-    let at = (seq % SEQ_PATTERN as u64) as usize;
-    buf[12..].copy_from_slice(&seq_pattern()[at..at + PAYLOAD - 12]);
-}
-
-fn check(buf: &[u8], session: u32) -> Option<u64> {
-    if buf.len() != PAYLOAD || buf[8..12] != session.to_le_bytes() {
-        return None;
-    }
-    let seq = u64::from_le_bytes(buf[..8].try_into().ok()?);
-    let at = (seq % SEQ_PATTERN as u64) as usize;
-    (buf[12..] == seq_pattern()[at..at + PAYLOAD - 12]).then_some(seq)
 }
 
 /// What one session saw.
