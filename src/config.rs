@@ -28,6 +28,162 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Tunnel timeouts and limits.
     pub stream: StreamConfig,
+    /// The GoDoxy release whose agent API this agent answers as, reported by `/info`.
+    pub godoxy_version: GodoxyVersion,
+    /// The HTTP side of the TLS port.
+    pub http: HttpConfig,
+    /// The Docker Engine API relay.
+    pub docker: DockerConfig,
+}
+
+/// A GoDoxy release string, `vMAJOR.MINOR.PATCH` with an optional `-suffix`: what a GoDoxy
+/// server parses from `/info` to pick the agent API it speaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct GodoxyVersion {
+    text: String,
+}
+
+impl GodoxyVersion {
+    /// The release whose agent API this agent implements.
+    pub const DEFAULT: &'static str = "v0.31.0";
+    /// GoDoxy servers use their legacy proxy headers with agents at or below this release.
+    const LEGACY_AT_OR_BELOW: (u64, u64, u64) = (0, 18, 6);
+
+    /// Checks the form GoDoxy's server accepts and that it is newer than the legacy API.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "`{text}` is not a GoDoxy release like {} (vMAJOR.MINOR.PATCH)",
+                Self::DEFAULT
+            )
+        };
+        let rest = text.strip_prefix('v').ok_or_else(bad)?;
+        let (numbers, suffix) = match rest.split_once('-') {
+            Some((numbers, suffix)) => (numbers, Some(suffix)),
+            None => (rest, None),
+        };
+        if suffix.is_some_and(|s| {
+            s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        }) {
+            return Err(bad());
+        }
+        let mut parts = numbers.split('.').map(|p| {
+            (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| p.parse::<u64>().ok())
+                .flatten()
+        });
+        let (Some(Some(major)), Some(Some(minor)), Some(Some(patch)), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        if (major, minor, patch) <= Self::LEGACY_AT_OR_BELOW {
+            return Err(format!(
+                "`{text}` is not newer than v0.18.6: GoDoxy would use its legacy agent API"
+            ));
+        }
+        Ok(Self {
+            text: text.to_owned(),
+        })
+    }
+
+    /// As written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl Default for GodoxyVersion {
+    fn default() -> Self {
+        Self {
+            text: Self::DEFAULT.to_owned(),
+        }
+    }
+}
+
+impl From<GodoxyVersion> for String {
+    fn from(version: GodoxyVersion) -> Self {
+        version.text
+    }
+}
+
+impl<'de> Deserialize<'de> for GodoxyVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[http]`: connections that carry the HTTP API and the Docker relay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Time a client has to send a request's headers once it has started one.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// An idle keep-alive connection (no request in flight) is closed after this long.
+    /// GoDoxy keeps idle connections and reuses them: keep it long.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// `[docker]`: the Docker Engine API relayed from the TLS port to a local socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerConfig {
+    /// The Docker-compatible engine's unix socket.
+    pub socket: PathBuf,
+    /// Which calls are relayed.
+    pub access: DockerAccess,
+    /// Time the engine has to start answering a call (a stream, once started, has no limit).
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/var/run/docker.sock"),
+            access: DockerAccess::Godoxy,
+            response_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Which Docker Engine API calls the agent relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DockerAccess {
+    /// Exactly the calls a GoDoxy server makes (discovery, events, health, idle-sleep, WebUI).
+    Godoxy,
+    /// Any GET or HEAD.
+    ReadOnly,
+    /// Everything: whoever holds a client certificate is root on this host.
+    Full,
+    /// Nothing.
+    Off,
+}
+
+impl DockerAccess {
+    /// As written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Godoxy => "godoxy",
+            Self::ReadOnly => "read-only",
+            Self::Full => "full",
+            Self::Off => "off",
+        }
+    }
 }
 
 /// What the operator should hear about how a configuration was put together, returned beside
@@ -80,8 +236,10 @@ pub struct Listen {
 }
 
 impl Default for Listen {
+    /// Dual-stack: `[::]` takes IPv4 too (the daemon binds it with IPv6-only off, and falls
+    /// back to 0.0.0.0 on a host without IPv6).
     fn default() -> Self {
-        let any = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT));
+        let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, DEFAULT_PORT));
         Self {
             tcp: any,
             udp: Some(any),
@@ -251,9 +409,12 @@ impl std::error::Error for ConfigErrors {}
 struct FileConfig {
     name: Option<String>,
     runtime: Option<Runtime>,
+    godoxy_version: GodoxyVersion,
     listen: Listen,
     tls: FileTls,
     stream: StreamConfig,
+    http: HttpConfig,
+    docker: DockerConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -336,6 +497,12 @@ impl Config {
                 generate_if_missing: file.tls.generate_if_missing,
             },
             stream: file.stream,
+            godoxy_version: file.godoxy_version,
+            http: file.http,
+            docker: DockerConfig {
+                socket: resolve(file.docker.socket),
+                ..file.docker
+            },
         };
         let mut errors = Vec::new();
         let mut diagnostics = Diagnostics::default();
@@ -365,6 +532,9 @@ impl Config {
             ("stream.header_timeout", self.stream.header_timeout),
             ("stream.dial_timeout", self.stream.dial_timeout),
             ("stream.udp_idle_timeout", self.stream.udp_idle_timeout),
+            ("http.header_timeout", self.http.header_timeout),
+            ("http.idle_timeout", self.http.idle_timeout),
+            ("docker.response_timeout", self.docker.response_timeout),
         ];
         for (key, value) in timeouts {
             if value.is_zero() {
@@ -379,7 +549,13 @@ impl Config {
         errors: &mut Vec<ConfigError>,
         diagnostics: &mut Diagnostics,
     ) {
-        let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        // GoDoxy reads each variable also with its GODOXY_ and GOPROXY_ prefixes, those first;
+        // an empty value counts as unset.
+        let var = |name: &str| {
+            ["GODOXY_", "GOPROXY_", ""]
+                .iter()
+                .find_map(|prefix| env(&format!("{prefix}{name}")).filter(|v| !v.trim().is_empty()))
+        };
         if let Some(name) = var("AGENT_NAME") {
             self.name = name.trim().to_owned();
         }
@@ -456,15 +632,18 @@ impl Config {
                 }),
             }
         }
+        if let Some(socket) = var("DOCKER_SOCKET") {
+            self.docker.socket = PathBuf::from(socket.trim());
+        }
         let ignored: Vec<&str> = IGNORED_GODOXY_VARS
             .iter()
             .copied()
-            .filter(|name| env(name).is_some())
+            .filter(|name| var(name).is_some())
             .collect();
         if !ignored.is_empty() {
             diagnostics.notices.push(format!(
-                "ignoring GoDoxy agent variables this agent does not use (it has no Docker \
-                 socket proxy): {}",
+                "ignoring GoDoxy socket-proxy variables (this agent relays the Docker API on \
+                 its own port, filtered by docker.access): {}",
                 ignored.join(", ")
             ));
         }
@@ -486,10 +665,9 @@ impl Config {
     }
 }
 
-/// Variables GoDoxy's agent compose file may set that configure things this agent does not
-/// have (the Docker socket and its proxy): accepted, reported once, otherwise ignored.
+/// Variables GoDoxy's agent compose file may set for its separate Docker socket proxy, which
+/// this agent does not run: accepted, reported once, otherwise ignored.
 const IGNORED_GODOXY_VARS: &[&str] = &[
-    "DOCKER_SOCKET",
     "DOCKER_HOST",
     "LISTEN_ADDR",
     "POST",

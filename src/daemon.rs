@@ -1,22 +1,27 @@
 //! `Daemon::bind` binds every socket; `Daemon::run` serves until shutdown, then drains.
 
-use std::net::SocketAddr;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::dtls::{self, UdpLimits, UdpShared};
-use crate::http::{AgentInfo, HttpShared};
+use crate::http::{AgentInfo, Docker, HttpShared};
 use crate::stats::Stats;
 use crate::tcp_listener::{self, Shared};
 use crate::tls::TlsMaterial;
 use crate::tunnel::Timeouts;
+
+/// How long the start-up check of the Docker engine may take.
+const DOCKER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A bound, ready-to-run agent.
 pub struct Daemon {
@@ -32,8 +37,7 @@ impl Daemon {
         crate::tls::install_default_provider();
         let material = TlsMaterial::load(&config.tls)?;
         let server_config = material.server_config(config.tls.require_client_cert)?;
-        let tcp = TcpListener::bind(config.listen.tcp)
-            .await
+        let tcp = bind_tcp(config.listen.tcp)
             .with_context(|| format!("listen.tcp: binding {}", config.listen.tcp))?;
         let stats = Arc::new(Stats::default());
         let timeouts = Timeouts {
@@ -44,8 +48,8 @@ impl Daemon {
             Some(addr) => {
                 let dtls = dtls::server_config(&material, config.tls.require_client_cert)
                     .context("tls.key/tls.cert for DTLS")?;
-                let (socket, granted) =
-                    dtls::bind(addr).with_context(|| format!("listen.udp: binding {addr}"))?;
+                let (socket, granted) = dual_stack(addr, dtls::bind)
+                    .with_context(|| format!("listen.udp: binding {addr}"))?;
                 if granted < dtls::SOCKET_RCVBUF {
                     warn!(
                         granted,
@@ -79,7 +83,9 @@ impl Daemon {
             tls: server_config,
             http: Arc::new(HttpShared {
                 info: AgentInfo::new(&config),
-                header_timeout: config.stream.header_timeout,
+                docker: Docker::new(&config.docker),
+                header_timeout: config.http.header_timeout,
+                idle_timeout: config.http.idle_timeout,
             }),
             handshake_timeout: config.stream.handshake_timeout,
             timeouts,
@@ -104,6 +110,12 @@ impl Daemon {
                 .context("tls.key/tls.cert for DTLS")?;
         }
         Ok(())
+    }
+
+    /// Whether the Docker engine at `docker.socket` answers, and as what (engine, version,
+    /// API version): what `check-config` and the start-up log report.
+    pub async fn probe_docker(config: &Config) -> Result<String, String> {
+        crate::http::probe_docker(&config.docker.socket, DOCKER_PROBE_TIMEOUT).await
     }
 
     /// The bound TLS address (tests bind port 0 and read it here).
@@ -146,11 +158,30 @@ impl Daemon {
                 hard_stop.clone(),
             ))
         });
+        let docker = &self.config.docker;
+        match crate::http::probe_docker(&docker.socket, DOCKER_PROBE_TIMEOUT).await {
+            Ok(engine) => info!(
+                socket = %docker.socket.display(),
+                access = docker.access.as_str(),
+                engine,
+                "Docker API relay ready"
+            ),
+            Err(err) if docker.access == crate::config::DockerAccess::Off => {
+                debug!(socket = %docker.socket.display(), "Docker API relay off ({err})");
+            }
+            Err(err) => warn!(
+                socket = %docker.socket.display(),
+                access = docker.access.as_str(),
+                "Docker engine not reachable: {err}; Docker API calls will answer 502 until it is \
+                 (set docker.socket or DOCKER_SOCKET, and give the agent access to the socket)"
+            ),
+        }
         info!(
             tcp = %self.tcp_addr(),
             udp = %udp_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
             name = %self.config.name,
             version = env!("CARGO_PKG_VERSION"),
+            godoxy_api = self.config.godoxy_version.as_str(),
             "agent listening"
         );
         let accept = tokio::spawn(tcp_listener::run(
@@ -186,3 +217,40 @@ impl Daemon {
         Ok(())
     }
 }
+
+/// Binds the TLS port; `[::]` is dual-stack (see [`dual_stack`]).
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    dual_stack(addr, |addr| {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    })
+}
+
+/// Binds with `bind`; an IPv6 unspecified address that the host cannot bind (no IPv6) falls
+/// back to 0.0.0.0 on the same port, as GoDoxy's `:PORT` does.
+fn dual_stack<T>(addr: SocketAddr, bind: impl Fn(SocketAddr) -> io::Result<T>) -> io::Result<T> {
+    match bind(addr) {
+        Err(err)
+            if addr.ip().is_unspecified()
+                && addr.is_ipv6()
+                && matches!(err.raw_os_error(), Some(EAFNOSUPPORT | EADDRNOTAVAIL)) =>
+        {
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+            info!(%addr, fallback = %v4, "no IPv6 on this host; listening on IPv4 only");
+            bind(v4)
+        }
+        other => other,
+    }
+}
+
+/// Linux errno values for "address family not supported" and "cannot assign address".
+const EAFNOSUPPORT: i32 = 97;
+const EADDRNOTAVAIL: i32 = 99;

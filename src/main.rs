@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use client_cmd::{CertArgs, client_command};
-use godoxy_agent::config::{Config, DEFAULT_CONFIG_PATH, Diagnostics, PemSource};
+use godoxy_agent::config::{Config, DEFAULT_CONFIG_PATH, Diagnostics, DockerAccess, PemSource};
 use godoxy_agent::{Daemon, certs};
 use tokio_util::sync::CancellationToken;
 use tracing::{Level, error, info, warn};
@@ -389,6 +389,25 @@ fn check_config(explicit: Option<&Path>) -> ExitCode {
     }
     for warning in &diagnostics.warnings {
         eprintln!("warning: {warning}");
+    }
+    let docker = &config.docker;
+    if docker.access != DockerAccess::Off {
+        let probe = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(Daemon::probe_docker(&config)));
+        match probe {
+            Ok(engine) => eprintln!(
+                "docker: {} answers: {engine} (access = {})",
+                docker.socket.display(),
+                docker.access.as_str()
+            ),
+            Err(err) => eprintln!(
+                "warning: docker: {err}; Docker API calls will answer 502 until the engine is \
+                 reachable (docker.socket / DOCKER_SOCKET, and the agent's access to the socket)"
+            ),
+        }
     }
     match toml::to_string_pretty(&config) {
         Ok(text) => {

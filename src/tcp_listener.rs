@@ -148,7 +148,14 @@ async fn serve_connection(
             tunnel::log_closed(&report);
         }
         Alpn::Http => {
-            if let Err(err) = http::serve(tls, shared.http.clone(), shutdown).await {
+            let http = http::serve(
+                tls,
+                shared.http.clone(),
+                subject.into(),
+                &shutdown,
+                &hard_stop,
+            );
+            if let Err(err) = http.await {
                 debug!("HTTP connection ended: {err:#}");
             }
         }

@@ -103,6 +103,9 @@ pub(crate) fn server_config(
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, usize)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
     let _ = socket.set_recv_buffer_size(SOCKET_RCVBUF);
     let granted = socket.recv_buffer_size().unwrap_or(0);
     socket.set_nonblocking(true)?;

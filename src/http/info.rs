@@ -1,7 +1,7 @@
 //! `/godoxy/agent/info` and the legacy plain-text `/version`, `/name`, `/runtime`.
 
+use hyper::StatusCode;
 use hyper::body::Bytes;
-use hyper::{Method, StatusCode};
 
 use super::{Response, reply};
 use crate::config::Config;
@@ -18,24 +18,26 @@ pub(crate) struct AgentInfo {
 }
 
 impl AgentInfo {
-    /// From the effective configuration; version is the crate version.
+    /// From the effective configuration. The version is the GoDoxy release whose agent API
+    /// this agent implements (GoDoxy servers pick their protocol by it), not the crate's.
     pub(crate) fn new(config: &Config) -> Self {
-        let version = env!("CARGO_PKG_VERSION");
+        let version = config.godoxy_version.as_str().to_owned();
         let json = serde_json::json!({
             "version": version,
             "name": config.name,
             "runtime": config.runtime.as_str(),
         });
         Self {
-            version: Bytes::from_static(version.as_bytes()),
+            version: Bytes::from(version),
             name: Bytes::from(config.name.clone()),
             runtime: Bytes::from_static(config.runtime.as_str().as_bytes()),
             json: Bytes::from(json.to_string()),
         }
     }
 
-    /// Answers `endpoint` (the path after `/godoxy/agent/`), or `None` when it is not ours.
-    pub(crate) fn handle(&self, method: &Method, endpoint: &str) -> Option<Response> {
+    /// Answers `endpoint` (the path after `/godoxy/agent/`), whatever the method, or `None`
+    /// when it is not ours.
+    pub(crate) fn handle(&self, endpoint: &str) -> Option<Response> {
         let (content_type, body) = match endpoint {
             "info" => (JSON, &self.json),
             "version" => (TEXT, &self.version),
@@ -43,9 +45,6 @@ impl AgentInfo {
             "runtime" => (TEXT, &self.runtime),
             _ => return None,
         };
-        if method != Method::GET {
-            return None;
-        }
         Some(reply(StatusCode::OK, content_type, body.clone()))
     }
 }

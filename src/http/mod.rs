@@ -1,6 +1,9 @@
 //! The HTTP side of the TLS port (connections without the stream ALPN): connection handling
-//! and routing by path; each endpoint family lives in its own file.
+//! and routing by path. Each endpoint family lives in its own file; everything outside
+//! `/godoxy/agent/` is the Docker Engine API.
 
+mod conn;
+mod docker;
 mod info;
 
 use std::convert::Infallible;
@@ -8,14 +11,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
+use self::conn::{ConnClock, Tracked, Verdict, Watched};
+pub(crate) use self::docker::{Docker, probe as probe_docker};
 pub(crate) use self::info::AgentInfo;
 
 /// Every response body: small replies and streamed ones alike.
@@ -23,51 +30,82 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// A response of any endpoint.
 type Response = hyper::Response<Body>;
 
-/// Where GoDoxy's agent endpoints live; everything else on the port is not ours.
+/// Where GoDoxy's agent endpoints live.
 const PREFIX: &str = "/godoxy/agent/";
 
 /// What every HTTP connection needs.
 pub(crate) struct HttpShared {
     /// `/info` and the legacy endpoints.
     pub(crate) info: AgentInfo,
-    /// Time a client has to send a request's headers.
+    /// The Docker Engine API relay.
+    pub(crate) docker: Docker,
+    /// Time a client has to send a request's headers once it started one.
     pub(crate) header_timeout: Duration,
+    /// An idle keep-alive connection is closed after this long.
+    pub(crate) idle_timeout: Duration,
 }
 
-/// Serves HTTP/1.1 on one connection until the client closes it or `shutdown` fires (then
-/// the request in progress finishes and the connection closes).
+/// Serves HTTP/1.1 on one connection until the client closes it, it idles out, or `shutdown`
+/// fires (then the requests in progress, event streams included, may finish until `stop`).
 pub(crate) async fn serve<S>(
     io: S,
     shared: Arc<HttpShared>,
-    shutdown: CancellationToken,
+    subject: Arc<str>,
+    shutdown: &CancellationToken,
+    stop: &CancellationToken,
 ) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let header_timeout = shared.header_timeout;
-    let service = hyper::service::service_fn(move |req| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(route(&req, &shared)) }
-    });
+    let clock = ConnClock::new();
+    let (header_timeout, idle_timeout) = (shared.header_timeout, shared.idle_timeout);
+    let service = {
+        let clock = clock.clone();
+        hyper::service::service_fn(move |req| {
+            let in_flight = clock.start_request();
+            let (shared, subject) = (shared.clone(), subject.clone());
+            async move {
+                let response = route(req, &shared, &subject).await;
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
+            }
+        })
+    };
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(io), service);
+        .serve_connection(TokioIo::new(Watched::new(io, clock.clone())), service)
+        .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let mut draining = false;
+    loop {
+        let wake = match clock.verdict(header_timeout, idle_timeout) {
+            Verdict::WaitUntil(at) => at,
+            Verdict::Idle => {
+                debug!(idle = ?idle_timeout, "closing an idle HTTP connection");
+                conn.as_mut().graceful_shutdown();
+                return conn.await;
+            }
+            Verdict::HeaderTimeout => {
+                debug!(timeout = ?header_timeout, "request headers too slow; closing");
+                return Ok(());
+            }
+        };
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            () = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = stop.cancelled() => return Ok(()),
+            () = sleep_until(wake) => {}
         }
     }
 }
 
-fn route(req: &Request<Incoming>, shared: &HttpShared) -> Response {
-    let endpoint = req.uri().path().strip_prefix(PREFIX);
-    endpoint
-        .and_then(|endpoint| shared.info.handle(req.method(), endpoint))
-        .unwrap_or_else(not_found)
+async fn route(req: Request<Incoming>, shared: &HttpShared, subject: &str) -> Response {
+    match req.uri().path().strip_prefix(PREFIX) {
+        Some(endpoint) => shared.info.handle(endpoint).unwrap_or_else(not_found),
+        None => shared.docker.handle(req, subject).await,
+    }
 }
 
 fn not_found() -> Response {
@@ -87,4 +125,9 @@ fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Respons
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// An empty body.
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
 }

@@ -7,37 +7,12 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{TcpEcho, TestPki};
+use crate::common::{Running, TcpEcho, TestPki, agent, field};
 use base64::Engine as _;
 use godoxy_agent::client::ClientTls;
 use godoxy_agent::protocol::TunnelHeader;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
-
-/// Variables of GoDoxy's that would change what the command does; the test process's own
-/// environment must not leak into the child.
-const GODOXY_VARS: [&str; 7] = [
-    "AGENT_NAME",
-    "AGENT_PORT",
-    "AGENT_CA_CERT",
-    "AGENT_SSL_CERT",
-    "AGENT_SKIP_CLIENT_CERT_CHECK",
-    "RUNTIME",
-    "DOCKER_SOCKET",
-];
-
-/// The agent binary with a clean GoDoxy environment and stdin closed.
-fn agent() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_godoxy-agent"));
-    for var in GODOXY_VARS {
-        cmd.env_remove(var);
-    }
-    cmd.env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
-}
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
 
 /// Runs to completion (10 s at most).
 async fn output(cmd: &mut Command) -> Output {
@@ -394,8 +369,8 @@ async fn check_config_prints_the_example_without_key_material() {
     assert!(stdout.starts_with("# effective configuration"), "{stdout}");
     for line in [
         "runtime = \"docker\"",
-        "tcp = \"0.0.0.0:8890\"",
-        "udp = \"0.0.0.0:8890\"",
+        "tcp = \"[::]:8890\"",
+        "udp = \"[::]:8890\"",
         "require_client_cert = true",
         "generate_if_missing = true",
         "header_timeout = \"10s\"",
@@ -481,83 +456,6 @@ async fn check_config_masks_environment_certificates() {
 // ---------------------------------------------------------------------------------------------
 // run
 
-/// A running `godoxy-agent run`, its stderr read line by line in a task.
-struct Running {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    log: Vec<String>,
-}
-
-impl Running {
-    /// `godoxy-agent run --config CONFIG` with RUST_LOG=info.
-    fn start(config: &Path) -> Self {
-        let mut cmd = agent();
-        cmd.arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info");
-        Self::spawn(cmd)
-    }
-
-    fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    /// The next log line containing every one of `needles`, within 5 s.
-    async fn wait_for(&mut self, needles: &[&str]) -> String {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => {
-                    self.log.push(line.clone());
-                    if needles.iter().all(|n| line.contains(n)) {
-                        return line;
-                    }
-                }
-                Ok(None) => panic!(
-                    "stderr ended before a line with {needles:?}:\n{}",
-                    self.log.join("\n")
-                ),
-                Err(_) => panic!(
-                    "no line with {needles:?} within 5 s:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
-    }
-}
-
-/// The value of `key=` in a log line (up to the next space), without the quotes tracing puts
-/// around string values.
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    let start = line
-        .find(&format!(" {key}="))
-        .unwrap_or_else(|| panic!("no {key}= in {line}"))
-        + key.len()
-        + 2;
-    let value = line[start..].split(' ').next().unwrap();
-    value.trim_matches('"')
-}
-
 #[tokio::test]
 async fn run_serves_logs_tunnels_and_stops_on_sigterm() {
     let pki = TestPki::new();
@@ -566,6 +464,7 @@ async fn run_serves_logs_tunnels_and_stops_on_sigterm() {
         &config,
         format!(
             "name = \"cli-agent\"\n[listen]\ntcp = \"127.0.0.1:0\"\nudp = \"\"\n\
+             [docker]\naccess = \"off\"\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
             pki.path("ca.pem").display(),
             pki.path("server.pem").display(),
@@ -741,7 +640,7 @@ async fn run_with_godoxy_environment_and_sigint() {
     assert_eq!(
         json,
         serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": "v0.31.0",
             "name": "compose-agent",
             "runtime": "podman",
         })

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -11,9 +11,10 @@ use godoxy_agent::Stats;
 use godoxy_agent::certs::CertSet;
 use godoxy_agent::client::ClientTls;
 use godoxy_agent::{Config, Daemon};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -293,7 +294,7 @@ pub fn bin() -> &'static str {
 
 /// Runs a command with stdin closed, killing it if it takes longer than 10 s.
 pub async fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
     tokio::time::timeout(Duration::from_secs(10), cmd.output())
         .await
         .expect("command did not finish within 10 s")
@@ -328,4 +329,105 @@ pub async fn curl(
         .arg("\n%{http_code} %{content_type}")
         .arg(format!("https://godoxy.agent:{port}{path}"));
     run(&mut cmd).await
+}
+
+/// Variables of GoDoxy's that would change what the command does; the test process's own
+/// environment must not leak into the child.
+const GODOXY_VARS: [&str; 7] = [
+    "AGENT_NAME",
+    "AGENT_PORT",
+    "AGENT_CA_CERT",
+    "AGENT_SSL_CERT",
+    "AGENT_SKIP_CLIENT_CERT_CHECK",
+    "RUNTIME",
+    "DOCKER_SOCKET",
+];
+
+/// The agent binary with a clean GoDoxy environment and stdin closed.
+pub fn agent() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_godoxy-agent"));
+    for var in GODOXY_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A running `godoxy-agent run`, its stderr read line by line in a task.
+pub struct Running {
+    pub child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    pub log: Vec<String>,
+}
+
+impl Running {
+    /// `godoxy-agent run --config CONFIG` with RUST_LOG=info.
+    pub fn start(config: &Path) -> Self {
+        let mut cmd = agent();
+        cmd.arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info");
+        Self::spawn(cmd)
+    }
+
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// The next log line containing every one of `needles`, within 5 s.
+    pub async fn wait_for(&mut self, needles: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => {
+                    self.log.push(line.clone());
+                    if needles.iter().all(|n| line.contains(n)) {
+                        return line;
+                    }
+                }
+                Ok(None) => panic!(
+                    "stderr ended before a line with {needles:?}:\n{}",
+                    self.log.join("\n")
+                ),
+                Err(_) => panic!(
+                    "no line with {needles:?} within 5 s:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+/// The value of `key=` in a log line (up to the next space), without the quotes tracing puts
+/// around string values.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let start = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        + key.len()
+        + 2;
+    let value = line[start..].split(' ').next().unwrap();
+    value.trim_matches('"')
 }

@@ -90,7 +90,7 @@ async fn assert_info(client: &ClientTls, addr: SocketAddr, name: &str, runtime: 
     assert_eq!(
         json,
         serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": "v0.31.0",
             "name": name,
             "runtime": runtime,
         })
@@ -482,8 +482,8 @@ fn example_config_loads_with_the_documented_values() {
     let certs = path.parent().unwrap().join("certs");
     assert!(!config.name.trim().is_empty());
     assert_eq!(config.runtime, Runtime::Docker);
-    assert_eq!(config.listen.tcp, "0.0.0.0:8890".parse().unwrap());
-    assert_eq!(config.listen.udp, Some("0.0.0.0:8890".parse().unwrap()));
+    assert_eq!(config.listen.tcp, "[::]:8890".parse().unwrap());
+    assert_eq!(config.listen.udp, Some("[::]:8890".parse().unwrap()));
     for (source, name) in [
         (&config.tls.ca, "ca.pem"),
         (&config.tls.cert, "server.pem"),
@@ -529,6 +529,15 @@ fn example_values_equal_the_defaults() {
     assert_eq!(
         format!("{:?}", example.stream),
         format!("{:?}", defaults.stream)
+    );
+    assert_eq!(example.godoxy_version, defaults.godoxy_version);
+    assert_eq!(
+        format!("{:?}", example.http),
+        format!("{:?}", defaults.http)
+    );
+    assert_eq!(
+        format!("{:?}", example.docker),
+        format!("{:?}", defaults.docker)
     );
 }
 

@@ -11,6 +11,7 @@ mod common;
 mod cli;
 mod client_cli;
 mod config;
+mod docker;
 mod dtls;
 mod header;
 mod http_api;
