@@ -10,7 +10,9 @@ use base64::Engine as _;
 use godoxy_agent::Config;
 use godoxy_agent::certs::CertSet;
 use godoxy_agent::client::ClientTls;
-use godoxy_agent::config::{ConfigError, ConfigErrors, Diagnostics, PemSource, Runtime};
+use godoxy_agent::config::{
+    ConfigError, ConfigErrors, Diagnostics, DockerAccess, PemSource, Runtime,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An environment made of `pairs` only.
@@ -269,6 +271,74 @@ fn env_name_port_runtime_override_the_file() {
         "{:?}",
         diagnostics.warnings
     );
+}
+
+/// GoDoxy reads each of its variables also as GODOXY_NAME and GOPROXY_NAME, those first.
+#[test]
+fn env_names_with_godoxy_and_goproxy_prefixes() {
+    let env = env_of(&[
+        ("GODOXY_AGENT_NAME", "godoxy-prefixed"),
+        ("AGENT_NAME", "plain"),
+        ("GOPROXY_AGENT_PORT", "9998"),
+        ("GODOXY_DOCKER_SOCKET", "/run/podman/podman.sock"),
+    ]);
+    let (config, _) = Config::from_toml("", None, env).unwrap();
+    assert_eq!(config.name, "godoxy-prefixed");
+    assert_eq!(config.listen.tcp.port(), 9998);
+    assert_eq!(
+        config.docker.socket,
+        PathBuf::from("/run/podman/podman.sock")
+    );
+    // An empty prefixed value counts as unset.
+    let env = env_of(&[("GODOXY_AGENT_NAME", ""), ("AGENT_NAME", "plain")]);
+    assert_eq!(Config::from_toml("", None, env).unwrap().0.name, "plain");
+}
+
+#[test]
+fn docker_socket_from_the_file_and_the_environment() {
+    let text = "[docker]\nsocket = \"run/docker.sock\"\naccess = \"read-only\"\n";
+    let (config, _) =
+        Config::from_toml(text, Some(Path::new("/etc/agent/agent.toml")), no_env).unwrap();
+    assert_eq!(
+        config.docker.socket,
+        PathBuf::from("/etc/agent/run/docker.sock")
+    );
+    assert_eq!(config.docker.access, DockerAccess::ReadOnly);
+    let env = env_of(&[("DOCKER_SOCKET", "/var/run/other.sock")]);
+    let (config, diagnostics) = Config::from_toml(text, None, env).unwrap();
+    assert_eq!(config.docker.socket, PathBuf::from("/var/run/other.sock"));
+    assert!(diagnostics.notices.is_empty(), "{:?}", diagnostics.notices);
+}
+
+#[test]
+fn bad_docker_access_and_godoxy_version_name_the_key() {
+    let message = errors_of(Config::from_toml(
+        "[docker]\naccess = \"all\"\n",
+        None,
+        no_env,
+    ))
+    .to_string();
+    assert!(message.contains("access"), "{message}");
+    assert!(message.contains("godoxy"), "{message}");
+    assert!(message.contains("line 2"), "{message}");
+    for (version, why) in [
+        ("0.31.0", "vMAJOR.MINOR.PATCH"),
+        ("v0.31", "vMAJOR.MINOR.PATCH"),
+        ("v0.31.0-", "vMAJOR.MINOR.PATCH"),
+        ("v1.2.3.4", "vMAJOR.MINOR.PATCH"),
+        ("v0.18.6", "legacy"),
+        ("v0.9.99", "legacy"),
+    ] {
+        let text = format!("godoxy_version = \"{version}\"\n");
+        let message = errors_of(Config::from_toml(&text, None, no_env)).to_string();
+        assert!(message.contains("godoxy_version"), "{version}: {message}");
+        assert!(message.contains(why), "{version}: {message}");
+    }
+    for version in ["v0.18.7", "v0.31.0", "v1.0.0-rc1"] {
+        let text = format!("godoxy_version = \"{version}\"\n");
+        let (config, _) = Config::from_toml(&text, None, no_env).unwrap();
+        assert_eq!(config.godoxy_version.as_str(), version);
+    }
 }
 
 #[test]

@@ -287,3 +287,32 @@ async fn ipv6_literal_and_host_name_destinations() {
     }
     daemon.stop().await;
 }
+
+/// The default `[::]` listeners are dual-stack: IPv4 and IPv6 clients reach both the TLS and
+/// the DTLS port.
+#[tokio::test]
+async fn unspecified_ipv6_listeners_take_ipv4_and_ipv6_clients() {
+    let pki = TestPki::new();
+    let text = TestDaemon::config_text_with_udp(&pki, "[::]:0", "")
+        .replace("tcp = \"127.0.0.1:0\"", "tcp = \"[::]:0\"");
+    let config = godoxy_agent::Config::from_toml(&text, None, |_| None)
+        .unwrap()
+        .0;
+    let daemon = TestDaemon::start_config(config).await;
+    let udp = daemon.udp.unwrap();
+    let client = pki.client();
+    for ip in ["127.0.0.1", "::1"] {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        let tcp = std::net::SocketAddr::new(ip, daemon.addr.port());
+        client
+            .probe_tcp(tcp, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("TCP probe to {tcp}: {e:#}"));
+        let udp = std::net::SocketAddr::new(ip, udp.port());
+        client
+            .probe_udp(udp, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("UDP probe to {udp}: {e:#}"));
+    }
+    daemon.stop().await;
+}
