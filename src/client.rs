@@ -184,8 +184,7 @@ impl ClientTls {
         server: SocketAddr,
         within: Duration,
     ) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        deadline(within, async {
+        timed(within, async {
             let mut tls = self
                 .connect_stream(server)
                 .await
@@ -206,8 +205,7 @@ impl ClientTls {
                 Err(e) => Err(anyhow!("the connection failed: {e}")),
             }
         })
-        .await?;
-        Ok(started.elapsed())
+        .await
     }
 
     /// UDP health probe: a DTLS session whose first record is a probe header; the agent must
@@ -217,8 +215,7 @@ impl ClientTls {
         server: SocketAddr,
         within: Duration,
     ) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        deadline(within, async {
+        timed(within, async {
             let tunnel = self.connect_dtls(server, None, within).await?;
             tunnel.send(&TunnelHeader::probe().encode()).await?;
             let mut buf = UdpTunnel::buffer();
@@ -229,8 +226,7 @@ impl ClientTls {
                 Some(_) => bail!("the agent sent data in reply to a probe"),
             }
         })
-        .await?;
-        Ok(started.elapsed())
+        .await
     }
 
     /// Liveness of the TLS port without a client certificate (a container health check needs
@@ -322,6 +318,16 @@ impl ClientTls {
         let name = ServerName::try_from(SERVER_NAME).map_err(io::Error::other)?;
         connector.connect(name, tcp).await
     }
+}
+
+/// Runs `work` under `within` and says how long it took.
+async fn timed(
+    within: Duration,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    deadline(within, work).await?;
+    Ok(started.elapsed())
 }
 
 /// Runs `work` under `within`; running out of time is an error that says so.

@@ -16,8 +16,13 @@
 //! - `tunnel`: the one pipeline (header -> probe -> destination -> dial -> relay -> closing
 //!   line), with `tunnel::tcp` and `tunnel::udp` as its two transports;
 //! - `dtls`: the UDP side: demultiplexer, one session task per peer;
-//! - `http`: the HTTP API, one file per endpoint family;
+//! - `http`: the HTTP side: `http/mod.rs` routes, `http/conn.rs` decides when a connection may
+//!   close (idle apart from header time), `http/info.rs` is `/godoxy/agent/info`,
+//!   `http/docker.rs` relays the Docker Engine API under `docker.access`;
 //! - `stats`: counters; `client` and `forward`: the other end, for the CLI, tests and benchmark.
+//!
+//! The binary (`main.rs`, `cli/`) adds the command line; the benchmark is the workspace member
+//! `bench/`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

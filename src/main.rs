@@ -1,8 +1,7 @@
 //! The `godoxy-agent` command: run the daemon, make certificates, check a configuration; the
-//! client commands live in `client_cmd`.
+//! client commands live in `cli::client`, signal handling in `cli::signals`.
 
-mod client_cmd;
-mod signals;
+mod cli;
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -11,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use client_cmd::{CertArgs, client_command};
+use cli::client::{CertArgs, client_command};
 use godoxy_agent::config::{Config, DEFAULT_CONFIG_PATH, Diagnostics, DockerAccess, PemSource};
 use godoxy_agent::{Daemon, certs};
 use tokio_util::sync::CancellationToken;
@@ -153,16 +152,16 @@ fn main() -> ExitCode {
             certs,
         } => {
             let (tcp, udp) = if tcp || udp { (tcp, udp) } else { (true, true) };
-            client_command(client_cmd::probe(server, tcp, udp, timeout, certs))
+            client_command(cli::client::probe(server, tcp, udp, timeout, certs))
         }
         Command::Info {
             server,
             json,
             timeout,
             certs,
-        } => client_command(client_cmd::info(server, json, timeout, certs)),
+        } => client_command(cli::client::info(server, json, timeout, certs)),
         Command::Health { config, timeout } => match load_config(config.as_deref()) {
-            Ok((config, _)) => client_command(client_cmd::health(config, timeout)),
+            Ok((config, _)) => client_command(cli::client::health(config, timeout)),
             Err(code) => code,
         },
         Command::Forward {
@@ -173,7 +172,7 @@ fn main() -> ExitCode {
             idle,
             timeout,
             certs,
-        } => client_command(client_cmd::forward(
+        } => client_command(cli::client::forward(
             server, listen, target, udp, idle, timeout, certs,
         )),
     }
@@ -267,7 +266,7 @@ fn run(explicit: Option<&Path>) -> ExitCode {
     let result = runtime.block_on(async move {
         let daemon = Daemon::bind(config).await?;
         let (shutdown, hard_stop) = (CancellationToken::new(), CancellationToken::new());
-        tokio::spawn(signals::watch_with_hard_stop(
+        tokio::spawn(cli::signals::watch_with_hard_stop(
             shutdown.clone(),
             hard_stop.clone(),
         ));

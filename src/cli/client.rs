@@ -219,7 +219,7 @@ pub async fn forward(
         idle_timeout: idle,
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(crate::signals::watch(shutdown.clone()));
+    tokio::spawn(crate::cli::signals::watch(shutdown.clone()));
     if udp {
         let socket = tokio::net::UdpSocket::bind(listen)
             .await

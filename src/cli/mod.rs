@@ -1,0 +1,5 @@
+//! The command line's own modules (the binary's, not the library's): the client commands and
+//! signal handling.
+
+pub mod client;
+pub mod signals;
