@@ -561,6 +561,64 @@ async fn run_serves_logs_tunnels_and_stops_on_sigterm() {
     );
 }
 
+/// The first SIGTERM starts the grace period for open tunnels; a second one ends it at once.
+#[tokio::test]
+async fn a_second_signal_ends_the_grace_period() {
+    let pki = TestPki::new();
+    let config = pki.path("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\ntcp = \"127.0.0.1:0\"\nudp = \"\"\n[docker]\naccess = \"off\"\n\
+             [stream]\nshutdown_grace = \"60s\"\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            pki.path("ca.pem").display(),
+            pki.path("server.pem").display(),
+            pki.path("server.key").display(),
+        ),
+    )
+    .unwrap();
+    let mut agent = Running::start(&config);
+    let listening = agent.wait_for(&["agent listening", "tcp=127.0.0.1:"]).await;
+    let addr: SocketAddr = field(&listening, "tcp").parse().unwrap();
+    let echo = TcpEcho::start().await;
+    let header = TunnelHeader::new(
+        &echo.addr.ip().to_string(),
+        &echo.addr.port().to_string(),
+        0,
+    )
+    .unwrap();
+    let mut tls = pki.client().open_tunnel(addr, &header).await.unwrap();
+    tls.write_all(b"x").await.unwrap();
+    let mut back = [0u8; 1];
+    tls.read_exact(&mut back).await.unwrap();
+
+    let pid = agent.child.id().unwrap().to_string();
+    let kill = output(Command::new("kill").arg("-TERM").arg(&pid)).await;
+    assert!(kill.status.success());
+    agent
+        .wait_for(&["shutting down: listeners closed", "open=1"])
+        .await;
+    // The tunnel still relays in the grace period.
+    tls.write_all(b"y").await.unwrap();
+    tls.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"y");
+
+    let started = Instant::now();
+    let kill = output(Command::new("kill").arg("-TERM").arg(&pid)).await;
+    assert!(kill.status.success());
+    agent.wait_for(&["second signal"]).await;
+    let status = tokio::time::timeout(Duration::from_secs(5), agent.child.wait())
+        .await
+        .expect("agent still running 5 s after the second SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest).await;
+    assert!(rest.is_empty());
+}
+
 #[tokio::test]
 async fn run_with_a_bad_config_exits_1_before_listening() {
     let tmp = tempfile::tempdir().unwrap();
@@ -591,6 +649,34 @@ async fn run_with_missing_certificates_names_the_file() {
         "{stderr}"
     );
     assert!(stderr.contains("tls.ca"), "{stderr}");
+}
+
+/// generate_if_missing never overwrites: a client key or env file left beside the missing
+/// server certificate (from another set) stops the start instead.
+#[tokio::test]
+async fn generate_if_missing_never_overwrites_files_beside_the_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "[listen]\ntcp = \"127.0.0.1:0\"\nudp = \"\"\n\
+         [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\n\
+         generate_if_missing = true\n",
+    )
+    .unwrap();
+    std::fs::create_dir(tmp.path().join("certs")).unwrap();
+    let left = tmp.path().join("certs/client.key");
+    std::fs::write(&left, "an older client key").unwrap();
+    let out = output(agent().arg("run").arg("--config").arg(&path)).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("refusing to overwrite"), "{stderr}");
+    assert!(stderr.contains(&left.display().to_string()), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&left).unwrap(),
+        "an older client key"
+    );
+    assert!(!tmp.path().join("certs/ca.pem").exists());
 }
 
 /// GoDoxy's compose style: certificates and name from the environment, stopped with SIGINT.
