@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::dtls::{self, UdpLimits, UdpShared};
-use crate::http::{AgentInfo, Docker, HttpShared};
+use crate::http::{AgentInfo, Docker, HttpShared, Proxy};
 use crate::stats::Stats;
 use crate::tcp_listener::{self, Shared};
 use crate::tls::TlsMaterial;
@@ -84,6 +84,7 @@ impl Daemon {
             http: Arc::new(HttpShared {
                 info: AgentInfo::new(&config),
                 docker: Docker::new(&config.docker),
+                proxy: Proxy::default(),
                 header_timeout: config.http.header_timeout,
                 idle_timeout: config.http.idle_timeout,
             }),

@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt as _;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Method, Request, StatusCode, Uri};
+use hyper::header;
+use hyper::{Method, Request, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::UnixStream;
 use tracing::{debug, warn};
 
+use super::relay::{error_chain, splice, strip_hop_by_hop, wants_upgrade};
 use super::{Response, reply};
 use crate::config::{DockerAccess, DockerConfig};
 
@@ -128,6 +129,8 @@ impl Docker {
             }
         };
         let (mut parts, body) = response.into_parts();
+        // Our hop is HTTP/1.1, whatever the origin spoke (HTTP/1.0, h2c).
+        parts.version = Version::HTTP_11;
         debug!(status = parts.status.as_u16(), elapsed = ?started.elapsed(), "docker answered");
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
@@ -135,7 +138,7 @@ impl Docker {
             let engine_side = hyper::upgrade::on(&mut engine_response);
             match client_side {
                 Some(client_side) => {
-                    tokio::spawn(splice(client_side, engine_side));
+                    tokio::spawn(splice("docker", client_side, engine_side));
                 }
                 None => {
                     return docker_error(
@@ -149,23 +152,6 @@ impl Docker {
         }
         strip_hop_by_hop(&mut parts.headers, false);
         hyper::Response::from_parts(parts, body.boxed())
-    }
-}
-
-/// Both halves of an upgraded connection, copied both ways until either side closes.
-async fn splice(client: hyper::upgrade::OnUpgrade, engine: hyper::upgrade::OnUpgrade) {
-    let (client, engine) = match tokio::try_join!(client, engine) {
-        Ok(both) => both,
-        Err(err) => {
-            debug!("Docker upgrade failed: {err}");
-            return;
-        }
-    };
-    let mut client = TokioIo::new(client);
-    let mut engine = TokioIo::new(engine);
-    match tokio::io::copy_bidirectional(&mut client, &mut engine).await {
-        Ok((up, down)) => debug!(up, down, "Docker upgraded stream closed"),
-        Err(err) => debug!("Docker upgraded stream ended: {err}"),
     }
 }
 
@@ -234,65 +220,10 @@ fn is_name(segment: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
-}
-
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-/// Removes the headers that belong to one hop. With `upgrade`, `Connection: Upgrade` and
-/// `Upgrade` stay: they are what the next hop must see to switch protocols.
-pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter(|t| !(upgrade && t.eq_ignore_ascii_case("upgrade")))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    }
-}
-
 /// A Docker-style error: `{"message": "..."}`.
 pub(super) fn docker_error(status: StatusCode, message: &str) -> Response {
     let body = serde_json::json!({ "message": message }).to_string();
     reply(status, "application/json", Bytes::from(body))
-}
-
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Connects the pooled client to the engine's socket, whatever the URI says.

@@ -4,7 +4,10 @@
 
 mod conn;
 mod docker;
+mod health;
 mod info;
+mod proxy;
+mod relay;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,6 +27,7 @@ use tracing::debug;
 use self::conn::{ConnClock, Tracked, Verdict, Watched};
 pub(crate) use self::docker::{Docker, probe as probe_docker};
 pub(crate) use self::info::AgentInfo;
+pub(crate) use self::proxy::Proxy;
 
 /// Every response body: small replies and streamed ones alike.
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -39,6 +43,8 @@ pub(crate) struct HttpShared {
     pub(crate) info: AgentInfo,
     /// The Docker Engine API relay.
     pub(crate) docker: Docker,
+    /// HTTP routes.
+    pub(crate) proxy: Proxy,
     /// Time a client has to send a request's headers once it started one.
     pub(crate) header_timeout: Duration,
     /// An idle keep-alive connection is closed after this long.
@@ -102,7 +108,15 @@ where
 }
 
 async fn route(req: Request<Incoming>, shared: &HttpShared, subject: &str) -> Response {
-    match req.uri().path().strip_prefix(PREFIX) {
+    let path = req.uri().path();
+    if path
+        .strip_prefix(proxy::PREFIX)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    {
+        return shared.proxy.handle(req).await;
+    }
+    match path.strip_prefix(PREFIX) {
+        Some("health") => health::handle(req.method(), req.uri().query()).await,
         Some(endpoint) => shared.info.handle(endpoint).unwrap_or_else(not_found),
         None => shared.docker.handle(req, subject).await,
     }
