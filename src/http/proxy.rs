@@ -721,7 +721,7 @@ mod tests {
                 "not base64",
             ),
             (
-                vec![("X-Proxy-Host", "a:1"), ("X-Proxy-Config", "W10=")],
+                vec![("X-Proxy-Host", "a:1"), ("X-Proxy-Config", "bm90IGpzb24=")],
                 "expected JSON",
             ),
             (
