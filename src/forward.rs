@@ -1,4 +1,7 @@
 //! `forward`: a local port forwarded through the agent, as a GoDoxy route would use it.
+//! On shutdown it drains: it stops accepting, closes its TCP tunnels with close_notify and
+//! its UDP sessions with a DTLS close_notify, so the agent frees them at once instead of
+//! waiting for an idle timeout.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -6,9 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::client::{ClientTls, RecvError, UdpTunnel};
@@ -31,60 +36,86 @@ pub struct Forward {
 
 /// Datagrams queued per local UDP client while its session handshakes or sends.
 const CLIENT_QUEUE: usize = 256;
+/// Pause after a failed accept before trying again.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// On shutdown, how long the closing of every tunnel and session may take in all.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// TCP: one tunnel per accepted connection, until `shutdown`.
+/// TCP: one tunnel per accepted connection until `shutdown`; then every tunnel is closed
+/// cleanly and this returns.
 pub async fn tcp(listener: TcpListener, forward: Forward, shutdown: CancellationToken) {
+    let tasks = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
         };
-        let (mut local, peer) = match accepted {
+        let (local, peer) = match accepted {
             Ok(a) => a,
             Err(err) => {
                 warn!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
                 continue;
             }
         };
-        let forward = forward.clone();
-        tokio::spawn(async move {
-            let _ = local.set_nodelay(true);
-            let started = Instant::now();
-            let mut tunnel = match forward
-                .client
-                .open_tunnel(forward.server, &forward.header)
-                .await
-            {
-                Ok(t) => t,
-                Err(err) => {
-                    warn!(%peer, "opening a tunnel through {} failed: {err}", forward.server);
-                    return;
-                }
-            };
-            match tokio::io::copy_bidirectional(&mut local, &mut tunnel).await {
-                Ok((up, down)) => info!(
-                    %peer,
-                    up,
-                    down,
-                    duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    "forwarded connection closed"
-                ),
-                Err(err) => info!(%peer, "forwarded connection ended: {err}"),
-            }
-        });
+        tasks.spawn(tcp_tunnel(local, peer, forward.clone(), shutdown.clone()));
+    }
+    drop(listener);
+    drain(tasks, "TCP tunnels").await;
+}
+
+async fn tcp_tunnel(
+    mut local: tokio::net::TcpStream,
+    peer: SocketAddr,
+    forward: Forward,
+    shutdown: CancellationToken,
+) {
+    let _ = local.set_nodelay(true);
+    let started = Instant::now();
+    let opened = tokio::select! {
+        r = forward.client.open_tunnel(forward.server, &forward.header) => r,
+        () = shutdown.cancelled() => return,
+    };
+    let mut tunnel = match opened {
+        Ok(t) => t,
+        Err(err) => {
+            warn!(%peer, "opening a tunnel through {} failed: {err}", forward.server);
+            return;
+        }
+    };
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut local, &mut tunnel) => Some(r),
+        () = shutdown.cancelled() => None,
+    };
+    match copied {
+        Some(Ok((up, down))) => info!(
+            %peer,
+            up,
+            down,
+            duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "forwarded connection closed"
+        ),
+        Some(Err(err)) => info!(%peer, "forwarded connection ended: {err}"),
+        None => {
+            // close_notify to the agent, FIN to the local client.
+            let _ = tunnel.shutdown().await;
+            let _ = local.shutdown().await;
+            info!(%peer, "forwarded connection closed: forwarder stopping");
+        }
     }
 }
 
-/// UDP: one DTLS session per local client address, closed after `idle_timeout` of silence.
+/// UDP: one DTLS session per local client address, closed after `idle_timeout` of silence;
+/// on `shutdown` every session is closed with close_notify and this returns.
 pub async fn udp(socket: UdpSocket, forward: Forward, shutdown: CancellationToken) {
     let socket = Arc::new(socket);
+    let tasks = TaskTracker::new();
     let mut sessions: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<SocketAddr>();
     let mut buf = vec![0u8; 65_535];
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
             Some(peer) = done_rx.recv() => {
                 if sessions.get(&peer).is_some_and(|tx| tx.is_closed()) {
                     sessions.remove(&peer);
@@ -99,53 +130,60 @@ pub async fn udp(socket: UdpSocket, forward: Forward, shutdown: CancellationToke
                     }
                 };
                 let datagram = Bytes::copy_from_slice(&buf[..n]);
-                if let Some(tx) = sessions.get(&peer) {
-                    match tx.try_send(datagram) {
+                let first = match sessions.get(&peer) {
+                    Some(tx) => match tx.try_send(datagram) {
                         Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => continue,
-                        Err(mpsc::error::TrySendError::Closed(d)) => {
-                            sessions.remove(&peer);
-                            start_session(&mut sessions, peer, d, &socket, &forward, &done_tx);
-                        }
-                    }
-                } else {
-                    start_session(&mut sessions, peer, datagram, &socket, &forward, &done_tx);
+                        Err(mpsc::error::TrySendError::Closed(d)) => d,
+                    },
+                    None => datagram,
+                };
+                let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+                if tx.try_send(first).is_err() {
+                    continue;
                 }
+                sessions.insert(peer, tx);
+                let session = udp_session(
+                    peer,
+                    rx,
+                    socket.clone(),
+                    forward.clone(),
+                    shutdown.clone(),
+                    done_tx.clone(),
+                );
+                tasks.spawn(session);
             }
         }
     }
+    drop(sessions);
+    drain(tasks, "UDP sessions").await;
 }
 
-fn start_session(
-    sessions: &mut HashMap<SocketAddr, mpsc::Sender<Bytes>>,
+async fn udp_session(
     peer: SocketAddr,
-    first: Bytes,
-    socket: &Arc<UdpSocket>,
-    forward: &Forward,
-    done: &mpsc::UnboundedSender<SocketAddr>,
+    rx: mpsc::Receiver<Bytes>,
+    socket: Arc<UdpSocket>,
+    forward: Forward,
+    shutdown: CancellationToken,
+    done: mpsc::UnboundedSender<SocketAddr>,
 ) {
-    let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
-    if tx.try_send(first).is_err() {
-        return;
-    }
-    sessions.insert(peer, tx);
-    let (socket, forward, done) = (socket.clone(), forward.clone(), done.clone());
-    tokio::spawn(async move {
-        match forward
-            .client
-            .open_udp(forward.server, &forward.header, forward.handshake_timeout)
-            .await
-        {
-            Ok(tunnel) => {
-                let reason = relay(&tunnel, rx, &socket, peer, forward.idle_timeout).await;
-                tunnel.close().await;
-                info!(%peer, reason, "forwarded UDP session closed");
-            }
-            Err(err) => {
-                warn!(%peer, "opening a UDP tunnel through {} failed: {err:#}", forward.server)
-            }
+    let opened = tokio::select! {
+        r = forward.client.open_udp(forward.server, &forward.header, forward.handshake_timeout) => r,
+        () = shutdown.cancelled() => {
+            let _ = done.send(peer);
+            return;
         }
-        let _ = done.send(peer);
-    });
+    };
+    match opened {
+        Ok(tunnel) => {
+            let reason = relay(&tunnel, rx, &socket, peer, forward.idle_timeout, &shutdown).await;
+            tunnel.close().await;
+            info!(%peer, reason, "forwarded UDP session closed");
+        }
+        Err(err) => {
+            warn!(%peer, "opening a UDP tunnel through {} failed: {err:#}", forward.server)
+        }
+    }
+    let _ = done.send(peer);
 }
 
 async fn relay(
@@ -154,11 +192,13 @@ async fn relay(
     socket: &UdpSocket,
     peer: SocketAddr,
     idle: Duration,
+    shutdown: &CancellationToken,
 ) -> &'static str {
     let mut buf = UdpTunnel::buffer();
     let mut last = Instant::now();
     loop {
         tokio::select! {
+            () = shutdown.cancelled() => return "forwarder stopping",
             datagram = rx.recv() => {
                 let Some(datagram) = datagram else { return "forwarder stopped" };
                 last = Instant::now();
@@ -177,5 +217,23 @@ async fn relay(
                 Err(RecvError::Failed(_)) => return "agent connection failed",
             },
         }
+    }
+}
+
+/// Waits for the closing tunnels or sessions, at most [`DRAIN_TIMEOUT`].
+async fn drain(tasks: TaskTracker, what: &str) {
+    tasks.close();
+    let open = tasks.len();
+    if open > 0 {
+        info!(open, "closing {what}");
+    }
+    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = tasks.len(),
+            "{what} still closing after {DRAIN_TIMEOUT:?}; leaving"
+        );
     }
 }

@@ -131,6 +131,10 @@ enum CertsCommand {
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
+        /// The HOST:PORT a GoDoxy server will dial for this agent: also write
+        /// `HOST:PORT.zip` (the client half, as GoDoxy reads it) and print how to add the agent.
+        #[arg(long, value_name = "HOST:PORT")]
+        godoxy_addr: Option<String>,
     },
 }
 
@@ -140,8 +144,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(config.as_deref()),
         Command::Certs {
-            command: CertsCommand::Init { out, force },
-        } => certs_init(&out, force),
+            command:
+                CertsCommand::Init {
+                    out,
+                    force,
+                    godoxy_addr,
+                },
+        } => certs_init(&out, force, godoxy_addr.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Probe {
             server,
@@ -350,20 +359,41 @@ fn print_trial_help(config: &Config, dir: &Path) {
     );
 }
 
-fn certs_init(out: &Path, force: bool) -> ExitCode {
-    let result = certs::CertSet::generate().and_then(|set| set.write(out, force));
-    match result {
-        Ok(files) => {
-            for file in files {
-                println!("wrote {}", file.display());
-            }
-            ExitCode::SUCCESS
+fn certs_init(out: &Path, force: bool, godoxy_addr: Option<&str>) -> ExitCode {
+    let result = certs::CertSet::generate().and_then(|set| {
+        let mut files = set.write(out, force)?;
+        if let Some(addr) = godoxy_addr {
+            files.push(set.write_godoxy_zip(out, addr, force)?);
         }
+        Ok(files)
+    });
+    let files = match result {
+        Ok(files) => files,
         Err(err) => {
             eprintln!("godoxy-agent: certs init: {err:#}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    for file in &files {
+        println!("wrote {}", file.display());
     }
+    if let Some(addr) = godoxy_addr {
+        let d = out.display();
+        println!(
+            "\nOn this agent's host: run the agent with {d}/godoxy.env (or point tls.ca, \
+             tls.cert, tls.key at {d}/ca.pem, server.pem, server.key).\n\
+             On the GoDoxy server:\n\
+             \x20 1. copy {d}/{addr}.zip into GoDoxy's certs/ folder (beside config/; /app/certs \
+             in its container), keeping the name;\n\
+             \x20 2. add the agent to config/config.yml and restart (or reload) GoDoxy:\n\
+             \x20      providers:\n\
+             \x20        agents:\n\
+             \x20          - {addr}\n\
+             Keep {d}/ca.key off both hosts' shared places: whoever holds it can issue client \
+             certificates."
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn check_config(explicit: Option<&Path>) -> ExitCode {

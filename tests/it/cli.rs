@@ -165,11 +165,12 @@ async fn certs_init_has_godoxys_profile() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     let ca = openssl(&["x509", "-in", "ca.pem", "-noout", "-text"], dir).await;
+    // GoDoxy's profile, names in the order Go's x509 writes them.
     assert!(
-        ca.contains("Subject: CN = godoxy.agent, O = GoDoxy"),
+        ca.contains("Subject: O = GoDoxy, CN = godoxy.agent"),
         "{ca}"
     );
-    assert!(ca.contains("Issuer: CN = godoxy.agent, O = GoDoxy"), "{ca}");
+    assert!(ca.contains("Issuer: O = GoDoxy, CN = godoxy.agent"), "{ca}");
     assert!(ca.contains("CA:TRUE, pathlen:0"), "{ca}");
     assert!(ca.contains("Certificate Sign, CRL Sign"), "{ca}");
     assert!(ca.contains("ASN1 OID: prime256v1"), "{ca}");
@@ -179,6 +180,10 @@ async fn certs_init_has_godoxys_profile() {
     );
 
     let server = openssl(&["x509", "-in", "server.pem", "-noout", "-text"], dir).await;
+    assert!(
+        server.contains("Subject: O = GoDoxy, OU = Server, CN = godoxy.agent"),
+        "{server}"
+    );
     assert!(server.contains("DNS:godoxy.agent"), "{server}");
     assert!(server.contains("TLS Web Server Authentication"), "{server}");
     assert!(
@@ -187,7 +192,7 @@ async fn certs_init_has_godoxys_profile() {
     );
     assert!(!server.contains("CA:TRUE"), "{server}");
     assert!(
-        server.contains("Issuer: CN = godoxy.agent, O = GoDoxy"),
+        server.contains("Issuer: O = GoDoxy, CN = godoxy.agent"),
         "{server}"
     );
     assert!(server.contains("ASN1 OID: prime256v1"), "{server}");
@@ -197,6 +202,10 @@ async fn certs_init_has_godoxys_profile() {
     );
 
     let client = openssl(&["x509", "-in", "client.pem", "-noout", "-text"], dir).await;
+    assert!(
+        client.contains("Subject: O = GoDoxy, OU = Client, CN = godoxy.agent"),
+        "{client}"
+    );
     assert!(client.contains("DNS:godoxy.agent"), "{client}");
     assert!(client.contains("TLS Web Client Authentication"), "{client}");
     assert!(
@@ -204,7 +213,7 @@ async fn certs_init_has_godoxys_profile() {
         "{client}"
     );
     assert!(
-        client.contains("Issuer: CN = godoxy.agent, O = GoDoxy"),
+        client.contains("Issuer: O = GoDoxy, CN = godoxy.agent"),
         "{client}"
     );
 
@@ -258,12 +267,18 @@ async fn certs_init_has_godoxys_profile() {
     .await;
     assert_eq!(verify, "client.pem: OK\n");
 
-    // godoxy.env: GoDoxy's base64(cert PEM);base64(key PEM) lines for the files just written.
+    // godoxy.env: GoDoxy's variables for the files just written, quoted (a shell would cut
+    // the value at the `;`); the CA key stays out.
     let env = std::fs::read_to_string(dir.join("godoxy.env")).unwrap();
     let value = |var: &str| {
-        env.lines()
+        let quoted = env
+            .lines()
             .find_map(|l| l.strip_prefix(&format!("{var}=")))
-            .unwrap_or_else(|| panic!("no {var}= line in:\n{env}"))
+            .unwrap_or_else(|| panic!("no {var}= line in:\n{env}"));
+        quoted
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("{var} is not double-quoted: {quoted}"))
             .to_owned()
     };
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
@@ -272,9 +287,8 @@ async fn certs_init_has_godoxys_profile() {
     assert_eq!(b64_decode(cert), read("server.pem"));
     assert_eq!(b64_decode(key), read("server.key"));
     let ca = value("AGENT_CA_CERT");
-    let (cert, key) = ca.split_once(';').unwrap();
-    assert_eq!(b64_decode(cert), read("ca.pem"));
-    assert_eq!(b64_decode(key), read("ca.key"));
+    assert!(!ca.contains(';'), "the CA key is in godoxy.env");
+    assert_eq!(b64_decode(&ca), read("ca.pem"));
 }
 
 // ---------------------------------------------------------------------------------------------

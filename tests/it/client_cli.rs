@@ -329,3 +329,114 @@ async fn health_needs_no_client_certificate() {
         "{out}"
     );
 }
+
+/// SIGTERM to `forward --udp` closes every session with close_notify: the agent's session
+/// count drops to 0 at once, not after its idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_forward_drains_its_sessions_on_sigterm() {
+    let pki = TestPki::new();
+    let daemon = TestDaemon::start_udp(&pki, "udp_idle_timeout = \"120s\"").await;
+    let echo = UdpEcho::start().await;
+    let listen = free_local(true);
+    let fwd = spawn_forward(&[
+        "--udp".into(),
+        "--server".into(),
+        daemon.udp.unwrap().to_string(),
+        "--listen".into(),
+        listen.to_string(),
+        "--target".into(),
+        echo.addr.to_string(),
+        "--certs".into(),
+        certs(&pki),
+    ]);
+    let mut clients = Vec::new();
+    for i in 0..20u64 {
+        let local = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        local.connect(listen).await.unwrap();
+        let mut buf = [0u8; 64];
+        let started = Instant::now();
+        loop {
+            local.send(&i.to_be_bytes()).await.unwrap();
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(500), local.recv(&mut buf)).await
+            {
+                assert_eq!(&buf[..n], &i.to_be_bytes());
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "client {i}: no echo"
+            );
+        }
+        clients.push(local);
+    }
+    assert_eq!(daemon.stat(|s| &s.udp_sessions), 20);
+
+    let pid = fwd.0.id().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let started = Instant::now();
+    while daemon.stat(|s| &s.udp_sessions) > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{} sessions still open 1 s after SIGTERM",
+            daemon.stat(|s| &s.udp_sessions)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("20 sessions closed {:?} after SIGTERM", started.elapsed());
+    daemon.stop().await;
+}
+
+/// SIGTERM to a TCP `forward`: the open tunnel is closed cleanly both ways and the forwarder
+/// exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_forward_closes_its_tunnels_on_sigterm() {
+    let pki = TestPki::new();
+    let daemon = TestDaemon::start(&pki).await;
+    let echo = TcpEcho::start().await;
+    let listen = free_local(false);
+    let mut fwd = spawn_forward(&[
+        "--server".into(),
+        daemon.addr.to_string(),
+        "--listen".into(),
+        listen.to_string(),
+        "--target".into(),
+        echo.addr.to_string(),
+        "--certs".into(),
+        certs(&pki),
+    ]);
+    let started = Instant::now();
+    let mut conn = loop {
+        match TcpStream::connect(listen).await {
+            Ok(c) => break c,
+            Err(_) if started.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("forward never listened: {e}"),
+        }
+    };
+    conn.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    conn.read_exact(&mut back).await.unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &fwd.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), conn.read_to_end(&mut rest))
+        .await
+        .expect("local connection not closed within 2 s of SIGTERM")
+        .unwrap();
+    assert!(rest.is_empty());
+    let status = tokio::task::spawn_blocking(move || fwd.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    daemon.stop().await;
+}

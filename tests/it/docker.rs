@@ -23,7 +23,7 @@ use crate::common::{Running, TestDaemon, TestPki, run};
 const IMAGE: &str = "localhost/godoxy-test:latest";
 
 /// The engine's socket, started once for the whole test binary (and reused across runs).
-fn engine() -> &'static Path {
+pub fn engine() -> &'static Path {
     static SOCKET: OnceLock<PathBuf> = OnceLock::new();
     SOCKET.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("docker-engine");
