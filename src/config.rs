@@ -34,6 +34,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// The Docker Engine API relay.
     pub docker: DockerConfig,
+    /// Host metrics for GoDoxy's dashboard (`/godoxy/agent/system_info`).
+    pub metrics: MetricsConfig,
 }
 
 /// A GoDoxy release string, `vMAJOR.MINOR.PATCH` with an optional `-suffix`: what a GoDoxy
@@ -159,6 +161,65 @@ impl Default for DockerConfig {
         }
     }
 }
+
+/// `[metrics]`: the sampler behind `/godoxy/agent/system_info`, GoDoxy's dashboard figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Sample the host at all. Off, the endpoint answers with a timestamp and no figures, as
+    /// GoDoxy's agent does with every part disabled, and no history is kept.
+    pub enabled: bool,
+    /// Time between two samples (GoDoxy: 1s).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Folder of the history file, `system_info.json`, written every 5 minutes and at
+    /// shutdown; `""` keeps the history in memory only.
+    #[serde(with = "optional_path")]
+    pub state_dir: Option<PathBuf>,
+    /// CPU usage (`cpu_average`).
+    pub cpu: bool,
+    /// Memory (`memory`).
+    pub memory: bool,
+    /// Filesystem usage and disk I/O (`disks`, `disks_io`).
+    pub disk: bool,
+    /// Network byte counters and speeds (`network`).
+    pub network: bool,
+    /// Temperature sensors (`sensors`).
+    pub sensors: bool,
+}
+
+impl MetricsConfig {
+    /// The shortest and longest `interval`.
+    pub const INTERVAL_RANGE: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(60));
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(1),
+            state_dir: Some(PathBuf::from("/var/lib/godoxy-agent")),
+            cpu: true,
+            memory: true,
+            disk: true,
+            network: true,
+            sensors: true,
+        }
+    }
+}
+
+/// Picks one of the part switches of [`MetricsConfig`].
+type MetricsPart = fn(&mut MetricsConfig) -> &mut bool;
+
+/// GoDoxy's switches for the parts of a sample, each `true` turning one off.
+const METRICS_DISABLE_VARS: [(&str, MetricsPart); 5] = [
+    ("METRICS_DISABLE_CPU", |m| &mut m.cpu),
+    ("METRICS_DISABLE_MEMORY", |m| &mut m.memory),
+    ("METRICS_DISABLE_DISK", |m| &mut m.disk),
+    ("METRICS_DISABLE_NETWORK", |m| &mut m.network),
+    ("METRICS_DISABLE_SENSORS", |m| &mut m.sensors),
+];
 
 /// Which Docker Engine API calls the agent relays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -415,6 +476,7 @@ struct FileConfig {
     stream: StreamConfig,
     http: HttpConfig,
     docker: DockerConfig,
+    metrics: MetricsConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -503,6 +565,10 @@ impl Config {
                 socket: resolve(file.docker.socket),
                 ..file.docker
             },
+            metrics: MetricsConfig {
+                state_dir: file.metrics.state_dir.map(resolve),
+                ..file.metrics
+            },
         };
         let mut errors = Vec::new();
         let mut diagnostics = Diagnostics::default();
@@ -540,6 +606,10 @@ impl Config {
             if value.is_zero() {
                 invalid(key, "must be longer than 0s");
             }
+        }
+        let (shortest, longest) = MetricsConfig::INTERVAL_RANGE;
+        if !(shortest..=longest).contains(&self.metrics.interval) {
+            invalid("metrics.interval", "must be between 1s and 60s");
         }
     }
 
@@ -635,6 +705,17 @@ impl Config {
         if let Some(socket) = var("DOCKER_SOCKET") {
             self.docker.socket = PathBuf::from(socket.trim());
         }
+        for (name, part) in METRICS_DISABLE_VARS {
+            if let Some(value) = var(name) {
+                match parse_go_bool(value.trim()) {
+                    Some(disable) => *part(&mut self.metrics) = !disable,
+                    None => errors.push(ConfigError::Env {
+                        var: name,
+                        reason: format!("`{value}` is not a boolean (true/false/1/0)"),
+                    }),
+                }
+            }
+        }
         let ignored: Vec<&str> = IGNORED_GODOXY_VARS
             .iter()
             .copied()
@@ -705,9 +786,15 @@ fn decode_pem_pair(
     value: &str,
 ) -> Result<(Vec<u8>, Option<Vec<u8>>), ConfigError> {
     let err = |reason: String| ConfigError::Env { var, reason };
-    let (cert, key) = match value.trim().split_once(';') {
+    // `docker|podman run --env-file` passes a quoted value with its quotes.
+    let value = value.trim();
+    let value = ['"', '\'']
+        .iter()
+        .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
+        .unwrap_or(value);
+    let (cert, key) = match value.split_once(';') {
         Some((cert, key)) => (cert, Some(key).filter(|k| !k.trim().is_empty())),
-        None => (value.trim(), None),
+        None => (value, None),
     };
     let b64 = base64::engine::general_purpose::STANDARD;
     let cert = b64
@@ -757,6 +844,25 @@ fn default_name() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "godoxy-agent".to_owned())
+}
+
+/// A path where `""` means none.
+mod optional_path {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        match path {
+            Some(path) => s.collect_str(&path.display()),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        let text = String::deserialize(d)?;
+        Ok((!text.is_empty()).then(|| PathBuf::from(text)))
+    }
 }
 
 mod optional_addr {

@@ -373,7 +373,7 @@ async fn udp_forward_drains_its_sessions_on_sigterm() {
     assert_eq!(daemon.stat(|s| &s.udp_sessions), 20);
 
     let pid = fwd.0.id().to_string();
-    let kill = std::process::Command::new("kill")
+    let kill = Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
@@ -422,7 +422,7 @@ async fn tcp_forward_closes_its_tunnels_on_sigterm() {
     conn.write_all(b"ping").await.unwrap();
     let mut back = [0u8; 4];
     conn.read_exact(&mut back).await.unwrap();
-    let kill = std::process::Command::new("kill")
+    let kill = Command::new("kill")
         .args(["-TERM", &fwd.0.id().to_string()])
         .status()
         .unwrap();

@@ -18,5 +18,6 @@ mod health;
 mod http_api;
 mod mtls;
 mod proxy;
+mod setup;
 mod shutdown;
 mod tunnel;
