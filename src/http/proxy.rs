@@ -172,7 +172,35 @@ struct Origin {
 
 enum OriginClient {
     Http(Client<HttpsConnector<HttpConnector>, Incoming>),
-    H2c(Client<HttpConnector, Incoming>),
+    /// One client per h2c target: the request URI's authority is the client's `Host` (HTTP/2
+    /// has no separate Host header; GoDoxy's origin must see the route's host), while the
+    /// connector always dials the target.
+    H2c(Client<H2cConnector, Incoming>),
+}
+
+/// Dials one h2c origin whatever the request URI names.
+#[derive(Clone)]
+struct H2cConnector {
+    target: Arc<str>,
+}
+
+impl tower_service::Service<Uri> for H2cConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let target = self.target.clone();
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(&*target).await?;
+            let _ = stream.set_nodelay(true);
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
 }
 
 impl OriginClient {
@@ -187,7 +215,9 @@ impl OriginClient {
 /// The clients, least recently used out first.
 #[derive(Default)]
 struct Cache {
-    entries: HashMap<(Scheme, RouteConfig), (Arc<Origin>, u64)>,
+    /// Keyed by the scheme family, the h2c target (h2c clients are per target) and the
+    /// route's settings.
+    entries: HashMap<(Scheme, Option<String>, RouteConfig), (Arc<Origin>, u64)>,
     clock: u64,
 }
 
@@ -226,10 +256,21 @@ impl Proxy {
         let rest = path_and_query
             .strip_prefix(PREFIX)
             .unwrap_or(path_and_query);
+        // h2c: the URI's authority becomes :authority, so it carries the client's Host.
+        let authority = match target.scheme {
+            Scheme::H2c => req
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .filter(|h| h.parse::<hyper::http::uri::Authority>().is_ok())
+                .unwrap_or(&target.host)
+                .to_owned(),
+            Scheme::Http | Scheme::Https => target.host.clone(),
+        };
         let uri = if rest.starts_with('/') {
-            format!("{}://{}{rest}", target.scheme.uri_scheme(), target.host)
+            format!("{}://{authority}{rest}", target.scheme.uri_scheme())
         } else {
-            format!("{}://{}/{rest}", target.scheme.uri_scheme(), target.host)
+            format!("{}://{authority}/{rest}", target.scheme.uri_scheme())
         };
         let uri: Uri = match uri.parse() {
             Ok(uri) => uri,
@@ -246,6 +287,9 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("text/html"));
         prepare_request(req.headers_mut(), upgrade);
+        if target.scheme == Scheme::H2c {
+            req.headers_mut().remove(header::HOST);
+        }
         *req.uri_mut() = uri;
         *req.version_mut() = if target.scheme == Scheme::H2c {
             Version::HTTP_2
@@ -308,14 +352,14 @@ impl Proxy {
 
     /// The client for this route's configuration, made on first use.
     fn origin(&self, target: &Target) -> Result<Arc<Origin>, String> {
-        let key = (
-            if target.scheme == Scheme::H2c {
-                Scheme::H2c
-            } else {
-                Scheme::Http
-            },
-            target.config.clone(),
-        );
+        let key = match target.scheme {
+            Scheme::H2c => (
+                Scheme::H2c,
+                Some(target.host.clone()),
+                target.config.clone(),
+            ),
+            Scheme::Http | Scheme::Https => (Scheme::Http, None, target.config.clone()),
+        };
         let mut cache = self.cache.lock().map_err(|_| "client cache poisoned")?;
         cache.clock += 1;
         let now = cache.clock;
@@ -356,7 +400,9 @@ fn build_origin(target: &Target) -> Result<Origin, String> {
             Client::builder(TokioExecutor::new())
                 .http2_only(true)
                 .pool_idle_timeout(POOL_IDLE)
-                .build(http),
+                .build(H2cConnector {
+                    target: Arc::from(target.host.as_str()),
+                }),
         )
     } else {
         let tls = tls_config(config)?;
