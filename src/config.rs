@@ -173,7 +173,8 @@ pub struct MetricsConfig {
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Folder of the history file, `system_info.json`, written every 5 minutes and at
-    /// shutdown; `""` keeps the history in memory only.
+    /// shutdown. `""` (the default): systemd's `$STATE_DIRECTORY` when set, else the history
+    /// is kept in memory only.
     #[serde(with = "optional_path")]
     pub state_dir: Option<PathBuf>,
     /// CPU usage (`cpu_average`).
@@ -199,7 +200,7 @@ impl Default for MetricsConfig {
         Self {
             enabled: true,
             interval: Duration::from_secs(1),
-            state_dir: Some(PathBuf::from("/var/lib/godoxy-agent")),
+            state_dir: None,
             cpu: true,
             memory: true,
             disk: true,
@@ -715,6 +716,14 @@ impl Config {
                     }),
                 }
             }
+        }
+        // systemd's StateDirectory= hands the unit its folder in STATE_DIRECTORY (several are
+        // colon-separated): the history goes there unless the file names a state_dir.
+        if self.metrics.state_dir.is_none()
+            && let Some(dirs) = env("STATE_DIRECTORY")
+            && let Some(dir) = dirs.split(':').map(str::trim).find(|d| !d.is_empty())
+        {
+            self.metrics.state_dir = Some(PathBuf::from(dir));
         }
         let ignored: Vec<&str> = IGNORED_GODOXY_VARS
             .iter()

@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::dtls::{self, UdpLimits, UdpShared};
 use crate::http::{AgentInfo, Docker, HttpShared, Proxy};
+use crate::metrics::Metrics;
 use crate::stats::Stats;
 use crate::tcp_listener::{self, Shared};
 use crate::tls::TlsMaterial;
@@ -85,6 +86,7 @@ impl Daemon {
                 info: AgentInfo::new(&config),
                 docker: Docker::new(&config.docker),
                 proxy: Proxy::default(),
+                metrics: Metrics::new(&config.metrics),
                 header_timeout: config.http.header_timeout,
                 idle_timeout: config.http.idle_timeout,
             }),
@@ -185,6 +187,8 @@ impl Daemon {
             godoxy_api = self.config.godoxy_version.as_str(),
             "agent listening"
         );
+        // Host metrics: sampled until shutdown, then the history is saved.
+        let metrics = tokio::spawn(self.shared.http.metrics.clone().run(shutdown.clone()));
         let accept = tokio::spawn(tcp_listener::run(
             self.tcp,
             self.shared.clone(),
@@ -214,6 +218,7 @@ impl Daemon {
         if let Some(demux) = demux {
             let _ = demux.await;
         }
+        let _ = metrics.await;
         info!("shutdown complete");
         Ok(())
     }

@@ -19,6 +19,8 @@
 //! - `http`: the HTTP side: `http/mod.rs` routes, `http/conn.rs` decides when a connection may
 //!   close (idle apart from header time), `http/info.rs` is `/godoxy/agent/info`,
 //!   `http/docker.rs` relays the Docker Engine API under `docker.access`;
+//! - `metrics`: the host sampler, its 5-period history and the history file, served by
+//!   `http/system_info.rs` as `/godoxy/agent/system_info` (GoDoxy's dashboard);
 //! - `stats`: counters; `client` and `forward`: the other end, for the CLI, tests and benchmark.
 //!
 //! The binary (`main.rs`, `cli/`) adds the command line; the benchmark is the workspace member
@@ -34,6 +36,7 @@ mod daemon;
 mod dtls;
 pub mod forward;
 mod http;
+mod metrics;
 pub mod protocol;
 mod stats;
 mod tcp_listener;

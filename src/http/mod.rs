@@ -8,6 +8,7 @@ mod health;
 mod info;
 mod proxy;
 mod relay;
+mod system_info;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use self::conn::{ConnClock, Tracked, Verdict, Watched};
 pub(crate) use self::docker::{Docker, probe as probe_docker};
 pub(crate) use self::info::AgentInfo;
 pub(crate) use self::proxy::Proxy;
+use crate::metrics::Metrics;
 
 /// Every response body: small replies and streamed ones alike.
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -45,6 +47,8 @@ pub(crate) struct HttpShared {
     pub(crate) docker: Docker,
     /// HTTP routes.
     pub(crate) proxy: Proxy,
+    /// `/system_info`: host metrics.
+    pub(crate) metrics: Metrics,
     /// Time a client has to send a request's headers once it started one.
     pub(crate) header_timeout: Duration,
     /// An idle keep-alive connection is closed after this long.
@@ -117,6 +121,7 @@ async fn route(req: Request<Incoming>, shared: &HttpShared, subject: &str) -> Re
     }
     match path.strip_prefix(PREFIX) {
         Some("health") => health::handle(req.method(), req.uri().query()).await,
+        Some("system_info") => system_info::handle(req, &shared.metrics),
         Some(endpoint) => shared.info.handle(endpoint).unwrap_or_else(not_found),
         None => shared.docker.handle(req, subject).await,
     }

@@ -609,6 +609,10 @@ fn example_values_equal_the_defaults() {
         format!("{:?}", example.docker),
         format!("{:?}", defaults.docker)
     );
+    assert_eq!(
+        format!("{:?}", example.metrics),
+        format!("{:?}", defaults.metrics)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
