@@ -20,4 +20,5 @@ mod mtls;
 mod proxy;
 mod setup;
 mod shutdown;
+mod system_info;
 mod tunnel;
