@@ -2,8 +2,11 @@
 #
 # godoxy-agent container image: one static (musl) binary in an empty image, run as an
 # unprivileged numeric user. Configure it like GoDoxy's own agent container, with AGENT_NAME,
-# AGENT_PORT, AGENT_CA_CERT, AGENT_SSL_CERT and RUNTIME (see docs/DEPLOY.md); a config file
-# mounted at /etc/godoxy-agent/config.toml is read too.
+# AGENT_PORT, AGENT_CA_CERT, AGENT_SSL_CERT, RUNTIME and DOCKER_SOCKET (see docs/DEPLOY.md); a
+# config file mounted at /etc/godoxy-agent/config.toml is read too. For the Docker API relay,
+# mount the engine's socket and add its group, since the user is not root:
+#   docker run ... -v /var/run/docker.sock:/var/run/docker.sock:ro \
+#     --group-add "$(stat -c %g /var/run/docker.sock)" godoxy-agent
 #
 # Normal build (pulls rust:alpine for the builder stage):
 #   docker build -t godoxy-agent .
@@ -33,6 +36,11 @@ LABEL org.opencontainers.image.title="godoxy-agent" \
       org.opencontainers.image.description="GoDoxy agent: mTLS TCP and DTLS UDP tunnels" \
       org.opencontainers.image.source="https://github.com/yusing/godoxy" \
       org.opencontainers.image.licenses="MIT"
+# The labels of GoDoxy's own agent image: a GoDoxy server that lists this host's containers
+# (through this agent) makes no route of the agent's container (proxy.exclude) and does not
+# health-check it (proxy.#1...: its first route). A key holding `#` must be quoted here.
+LABEL proxy.exclude="1" \
+      "proxy.#1.healthcheck.disable"="true"
 COPY --from=builder --chmod=0755 /godoxy-agent /godoxy-agent
 # GoDoxy's agent port: TLS (tunnels + HTTP API) on TCP, DTLS (UDP tunnels) on UDP.
 EXPOSE 8890/tcp 8890/udp

@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # Builds the container image without any image registry and tests it for real with podman:
 #   1. a static musl binary built on this host, handed to the Dockerfile as its `builder`
-#      stage (podman build --build-context builder=DIR), final stage FROM scratch;
-#   2. `podman run` with published TCP+UDP ports and only GoDoxy's variables (AGENT_NAME,
+#      stage (podman build --build-context builder=DIR), final stage FROM scratch; the image's
+#      user, HEALTHCHECK and GoDoxy labels (proxy.exclude, proxy.#1.healthcheck.disable);
+#   2. a Docker engine (podman's Docker API, scripts/docker-engine.sh) whose socket is
+#      root:<docker gid> 0660 as Docker makes it, holding one container;
+#   3. `podman run` with published TCP+UDP ports, only GoDoxy's variables (AGENT_NAME,
 #      AGENT_PORT, AGENT_CA_CERT, AGENT_SSL_CERT from `certs init`'s godoxy.env, RUNTIME,
-#      DOCKER_SOCKET): /godoxy/agent/info over mTLS (curl), a TCP tunnel (python3 ssl) and a
-#      UDP tunnel (openssl s_client -dtls1_2) to echo servers on this host, the image's
-#      HEALTHCHECK, the user it runs as, and a clean exit 0 on SIGTERM;
-#   3. the same through compose.yaml with podman-compose (host networking, like GoDoxy).
+#      DOCKER_SOCKET), the engine's socket mounted read-only at /var/run/docker.sock and its
+#      group added (--group-add): /godoxy/agent/info over mTLS (curl), a TCP tunnel (python3
+#      ssl) and a UDP tunnel (openssl s_client -dtls1_2) to echo servers on this host, the
+#      Docker API through the agent (/_ping, /containers/json, a refused POST), check-config
+#      in the container, the image's HEALTHCHECK, the user it runs as, and a clean exit 0 on
+#      SIGTERM;
+#   4. the same through compose.yaml with podman-compose (host networking, like GoDoxy; the
+#      socket and its group from .env: DOCKER_SOCKET, DOCKER_GID).
 # Prints PASS/FAIL lines and exits non-zero on any failure. Cleans up what it made.
 # Needs root (rootful podman). Installs podman, runc, musl-tools, openssl, curl, python3 and
 # podman-compose when missing, and the rustup musl target.
 #
 # Environment: GDA_PORT (podman run, default 18890), GDA_COMPOSE_PORT (18891),
-# GDA_ECHO_PORT (18900), KEEP=1 keeps the work folder. CARGO_TARGET_DIR is honoured.
+# GDA_ECHO_PORT (18900), GDA_DOCKER_GID (the docker group's number when the host has none:
+# 61240), KEEP=1 keeps the work folder. CARGO_TARGET_DIR is honoured.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -25,6 +33,10 @@ IMAGE="localhost/godoxy-agent:container-test-$$"
 CTR="godoxy-agent-test-$$"
 PROJECT="gdatest$$"
 WORK="$(mktemp -d /tmp/godoxy-container-test.XXXXXX)"
+ENGINE="$WORK/engine"
+# The docker group: the host's when it has one, else a number that stands in for it.
+DOCKER_GID=$(getent group docker | cut -d: -f3 || true)
+DOCKER_GID="${DOCKER_GID:-${GDA_DOCKER_GID:-61240}}"
 export CONTAINERS_CONF="$ROOT/scripts/containers.conf"
 PODMAN=(timeout 120 podman --runtime runc)
 
@@ -36,6 +48,7 @@ die() { echo "FAIL: $*"; exit 1; }
 
 ECHO_PID=""
 COMPOSE_UP=""
+ENGINE_UP=""
 cleanup() {
   set +e
   if [ -n "$COMPOSE_UP" ]; then
@@ -44,6 +57,10 @@ cleanup() {
   "${PODMAN[@]}" rm -f -t 5 "$CTR" >/dev/null 2>&1
   "${PODMAN[@]}" rmi -f "$IMAGE" >/dev/null 2>&1
   [ -n "$ECHO_PID" ] && kill "$ECHO_PID" 2>/dev/null
+  if [ -n "$ENGINE_UP" ]; then
+    timeout 120 "$ROOT/scripts/docker-engine.sh" stop "$ENGINE" >>"$WORK/engine.log" 2>&1 ||
+      echo "cleanup: scripts/docker-engine.sh stop $ENGINE failed (see $WORK/engine.log)"
+  fi
   if [ "${KEEP:-}" = 1 ]; then echo "work folder kept: $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -70,6 +87,10 @@ if ! command -v podman-compose >/dev/null 2>&1; then
   hash -r
 fi
 command -v podman-compose >/dev/null 2>&1 || die "podman-compose not on PATH after pip install"
+# The ports must be free: another program there would answer in the agents' place.
+busy=$(ss -Hltnup "( sport = :$PORT or sport = :$CPORT or sport = :$ECHO_PORT )" 2>/dev/null |
+         awk '{print $1, $5, $7}' || true)
+[ -z "$busy" ] || die "port(s) in use (choose others with GDA_PORT, GDA_COMPOSE_PORT, GDA_ECHO_PORT): $(tr '\n' ';' <<<"$busy")"
 rustup target list --installed | grep -qx "$TARGET" || timeout 300 rustup target add "$TARGET"
 echo "podman $(podman --version | awk '{print $3}'), $(runc --version | head -1)," \
      "podman-compose $(podman-compose --version 2>/dev/null | awk '/podman-compose/ {print $3}')"
@@ -108,6 +129,14 @@ user=$(podman image inspect --format '{{.Config.User}}' "$IMAGE")
 hc=$(podman image inspect --format '{{json .Config.Healthcheck}}' "$IMAGE")
 [ "$user" = "65532:65532" ] && pass "image USER is $user" || fail "image USER is '$user'"
 case "$hc" in *health*) pass "image has a HEALTHCHECK: $hc" ;; *) fail "no HEALTHCHECK: $hc" ;; esac
+labels=$(podman image inspect --format \
+  'proxy.exclude={{index .Config.Labels "proxy.exclude"}} proxy.#1.healthcheck.disable={{index .Config.Labels "proxy.#1.healthcheck.disable"}}' \
+  "$IMAGE")
+if [ "$labels" = "proxy.exclude=1 proxy.#1.healthcheck.disable=true" ]; then
+  pass "image labels for GoDoxy: $labels"
+else
+  fail "image labels: '$labels'"
+fi
 
 # ---------------------------------------------------------------------------------------------
 step "certificates and test helpers"
@@ -116,6 +145,11 @@ C="$WORK/certs"
 # Only GoDoxy's variables, exactly as godoxy.env has them (CA cert;CA key, cert;key).
 grep -E '^AGENT_(CA|SSL)_CERT=' "$C/godoxy.env" >"$WORK/agent.env"
 # No client certificate goes into the container: `health` needs none.
+# The GoDoxy version the agent reports in /info: its default, as check-config prints it.
+GODOXY_VERSION=$(env -i "$(grep '^AGENT_CA_CERT=' "$WORK/agent.env")" \
+                   "$(grep '^AGENT_SSL_CERT=' "$WORK/agent.env")" "$BIN" check-config 2>/dev/null |
+                 sed -n 's/^godoxy_version = "\(.*\)"$/\1/p')
+[ -n "$GODOXY_VERSION" ] || die "no godoxy_version in check-config's output"
 
 cat >"$WORK/gda.py" <<'PY'
 """Echo servers, a TCP tunnel client and a DTLS record feeder for container-test.sh."""
@@ -207,8 +241,7 @@ check_agent() {
   if out=$(curl -sS --max-time 10 --cacert "$C/ca.pem" --cert "$C/client.pem" \
              --key "$C/client.key" --resolve "godoxy.agent:$port:$host" \
              "https://godoxy.agent:$port/godoxy/agent/info" 2>&1) &&
-     [ "$out" = "{\"name\":\"$name\",\"runtime\":\"podman\",\"version\":\"$(
-        "$BIN" --version | awk '{print $2}')\"}" ]; then
+     [ "$out" = "{\"name\":\"$name\",\"runtime\":\"podman\",\"version\":\"$GODOXY_VERSION\"}" ]; then
     pass "$label: /godoxy/agent/info over mTLS: $out"
   else
     fail "$label: /godoxy/agent/info: $out"
@@ -234,6 +267,35 @@ check_agent() {
   else
     fail "$label: UDP tunnel to $dest:$ECHO_PORT: got '$(head -c 200 "$WORK/udp.out")'"
     tail -5 "$WORK/udp.err"
+  fi
+}
+
+# The Docker API through an agent at $1:$2 (mTLS): answered by the engine, through the socket
+# mounted in the container and the group added to it. $3: a label.
+check_docker() {
+  local host=$1 port=$2 label=$3 out
+  api() {
+    curl -sS --max-time 10 --cacert "$C/ca.pem" --cert "$C/client.pem" --key "$C/client.key" \
+      --resolve "godoxy.agent:$port:$host" -w '\n%{http_code}' "$@" 2>&1 || true
+  }
+  out=$(api "https://godoxy.agent:$port/_ping")
+  if [ "$(tail -1 <<<"$out")" = 200 ] && [ "$(head -1 <<<"$out")" = OK ]; then
+    pass "$label: Docker API through the agent: GET /_ping -> 200 OK"
+  else
+    fail "$label: GET /_ping through the agent: $(tr '\n' ' ' <<<"$out")"
+  fi
+  out=$(api "https://godoxy.agent:$port/containers/json?all=1")
+  if [ "$(tail -1 <<<"$out")" = 200 ] && grep -q "\"/$ENGINE_CTR\"" <<<"$out"; then
+    pass "$label: Docker API through the agent: GET /containers/json?all=1 -> 200, lists $ENGINE_CTR"
+  else
+    fail "$label: GET /containers/json through the agent: $(head -c 300 <<<"$out")"
+  fi
+  out=$(api -X POST -H 'Content-Type: application/json' -d '{}' \
+          "https://godoxy.agent:$port/containers/create")
+  if [ "$(tail -1 <<<"$out")" = 403 ]; then
+    pass "$label: Docker API through the agent: POST /containers/create -> 403 (docker.access = godoxy)"
+  else
+    fail "$label: POST /containers/create should be refused: $(tr '\n' ' ' <<<"$out")"
   fi
 }
 
@@ -279,17 +341,35 @@ check_stop() {
 }
 
 # ---------------------------------------------------------------------------------------------
-step "podman run: published ports $PORT/tcp+udp, GoDoxy variables only"
+step "a Docker engine for the relay (podman's Docker API: scripts/docker-engine.sh)"
+t0=$SECONDS
+ENGINE_UP=1
+SOCK=$(timeout 900 "$ROOT/scripts/docker-engine.sh" start "$ENGINE" 2>>"$WORK/engine.log") ||
+  { tail -20 "$WORK/engine.log"; die "scripts/docker-engine.sh start $ENGINE"; }
+[ -S "$SOCK" ] || die "scripts/docker-engine.sh start printed '$SOCK', not a socket"
+# As Docker makes its socket: root:docker 0660. Only the added group lets the agent in.
+chgrp "$DOCKER_GID" "$SOCK"
+chmod 0660 "$SOCK"
+ENGINE_CTR="godoxy-container-test-$$"
+timeout 60 "$ROOT/scripts/docker-engine.sh" podman "$ENGINE" create --name "$ENGINE_CTR" \
+  --network none "${GDE_IMAGE:-localhost/godoxy-test:latest}" >/dev/null 2>>"$WORK/engine.log" ||
+  { tail -5 "$WORK/engine.log"; die "creating a container in the engine"; }
+echo "engine on $SOCK ($(stat -c '%U:%g %a' "$SOCK")) in $((SECONDS - t0))s, container $ENGINE_CTR"
+
+# ---------------------------------------------------------------------------------------------
+step "podman run: published ports $PORT/tcp+udp, GoDoxy variables only, the engine's socket"
 # Agent port inside the container: GoDoxy's default 8890 (the image's HEALTHCHECK uses it);
 # published on $PORT. The agent reaches this host as host.containers.internal (the bridge's
 # gateway, an address of this host), which also exercises name resolution in the scratch image.
 # --health-interval=disable: there is no systemd here to run podman's health-check timers;
-# `podman healthcheck run` below runs the image's check by hand.
+# `podman healthcheck run` below runs the image's check by hand. The engine's socket goes
+# where Docker's is, read-only (which does not stop connect()), with its group added.
 "${PODMAN[@]}" run -d --name "$CTR" \
   -p "127.0.0.1:$PORT:8890/tcp" -p "127.0.0.1:$PORT:8890/udp" \
   --env-file "$WORK/agent.env" \
   -e AGENT_NAME=container-test -e AGENT_PORT=8890 -e RUNTIME=podman \
   -e DOCKER_SOCKET=/var/run/docker.sock \
+  -v "$SOCK:/var/run/docker.sock:ro" --group-add "$DOCKER_GID" \
   --read-only --cap-drop ALL \
   --health-interval=disable --stop-timeout 30 \
   "$IMAGE" >/dev/null 2>"$WORK/run.err" || { cat "$WORK/run.err"; die "podman run"; }
@@ -303,16 +383,39 @@ ECHO_PID=$!
 for _ in $(seq 1 50); do grep -q ready "$WORK/echo.log" && break; sleep 0.1; done
 grep -q ready "$WORK/echo.log" || { cat "$WORK/echo.log"; die "echo servers"; }
 
+# The port opens before the start-up lines are all written ("agent listening" is the last).
+for _ in $(seq 1 50); do
+  podman logs "$CTR" 2>&1 | grep -q 'agent listening' && break
+  sleep 0.1
+done
 logs=$(podman logs "$CTR" 2>&1)
-if grep -q "AGENT_CA_CERT carries the CA private key" <<<"$logs" &&
-   grep -q "ignoring GoDoxy agent variables.*DOCKER_SOCKET" <<<"$logs"; then
-  pass "run: GoDoxy variables read (CA key dropped with a warning, DOCKER_SOCKET noted)"
-else
-  fail "run: expected start-up lines missing"; echo "$logs"
+# A godoxy.env in GoDoxy's own form carries the CA key too: the agent drops it and warns.
+ca_key=""
+if grep -q '^AGENT_CA_CERT=.*;' "$WORK/agent.env"; then
+  ca_key=" (CA key dropped with a warning)"
+  grep -q "AGENT_CA_CERT carries the CA private key" <<<"$logs" || ca_key=" MISSING: CA key warning"
 fi
-uid=$(podman top "$CTR" huser 2>/dev/null | tail -1 | tr -d ' ')
-[ "$uid" = 65532 ] && pass "run: agent process runs as uid $uid" || fail "run: agent uid '$uid'"
+if [[ "$ca_key" != *MISSING* ]] &&
+   grep -q "Docker API relay ready socket=/var/run/docker.sock" <<<"$logs"; then
+  pass "run: GoDoxy variables read$ca_key, $(grep -o 'Docker API relay ready.*' <<<"$logs")"
+else
+  fail "run: expected start-up lines missing$ca_key"; echo "$logs"
+fi
+ids=$(podman top "$CTR" huser hgroups 2>/dev/null | tail -1 | tr -s ' ' | sed 's/^ //')
+if [ "${ids%% *}" = 65532 ] && grep -qw "$DOCKER_GID" <<<"${ids#* }"; then
+  pass "run: agent process runs as uid 65532, groups ${ids#* }"
+else
+  fail "run: agent uid/groups '$ids' (want 65532, with $DOCKER_GID)"
+fi
+# check-config in the running container, as its user and with its group: the docker line.
+out=$("${PODMAN[@]}" exec "$CTR" /godoxy-agent check-config 2>&1 >/dev/null || true)
+if grep -q '^docker: /var/run/docker.sock answers: ' <<<"$out"; then
+  pass "run: podman exec ... check-config: $(grep '^docker:' <<<"$out")"
+else
+  fail "run: check-config in the container: $out"
+fi
 check_agent 127.0.0.1 "$PORT" host.containers.internal run container-test
+check_docker 127.0.0.1 "$PORT" run
 check_health "$CTR" run
 check_stop "$CTR" run "${PODMAN[*]} stop -t 30 $CTR"
 "${PODMAN[@]}" rm -f "$CTR" >/dev/null 2>&1 || true
@@ -327,6 +430,8 @@ cp "$ROOT/compose.yaml" "$WORK/compose/compose.yaml"
   echo "AGENT_PORT=$CPORT"
   cat "$WORK/agent.env"
   echo "RUNTIME=podman"
+  echo "DOCKER_SOCKET=$SOCK"
+  echo "DOCKER_GID=$DOCKER_GID"
 } >"$WORK/compose/.env"
 COMPOSE_UP=1
 if (cd "$WORK/compose" && timeout 120 podman-compose -p "$PROJECT" up -d --no-build) \
@@ -338,6 +443,7 @@ fi
 CCTR=$(podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}' | head -1)
 if [ -n "$CCTR" ] && wait_port 127.0.0.1 "$CPORT"; then
   check_agent 127.0.0.1 "$CPORT" 127.0.0.1 compose compose-test
+  check_docker 127.0.0.1 "$CPORT" compose
   check_health "$CCTR" compose
   check_stop "$CCTR" compose \
     "cd '$WORK/compose' && timeout 90 podman-compose -p '$PROJECT' stop"

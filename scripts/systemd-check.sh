@@ -11,10 +11,22 @@
 #      owned by the service user) from a 0600 root-only /etc/godoxy-agent; a notify socket
 #      (NOTIFY_SOCKET, WATCHDOG_USEC) records READY=1, WATCHDOG=1 and STOPPING=1; mTLS /info,
 #      a TCP tunnel and the TCP and UDP probes work; SIGTERM exits 0;
+#      the Docker API relay: a Docker engine (podman's Docker API, scripts/docker-engine.sh)
+#      whose socket is root:<docker gid> 0660 as Docker makes it; the agent runs with that
+#      group as its one supplementary group (SupplementaryGroups=docker) and /_ping and
+#      /containers/json answer 200 through it; check-config as the service user says whether
+#      the socket answers, with and without the group;
 #   4. with strace available (installed when missing): every system call that run made is
-#      allowed by the unit's SystemCallFilter= (@system-service minus @privileged @resources).
+#      allowed by the unit's SystemCallFilter= (@system-service minus @privileged @resources);
+#   5. the unit as shipped under a real systemd (PID 1 in a podman container): sandbox,
+#      tunnels, watchdog, stop, and the relay to the engine's socket mounted at
+#      /run/docker.sock through SupplementaryGroups=docker under ProtectSystem=strict and
+#      PrivateUsers=yes; then rootful podman's own socket (podman.socket with a SocketGroup=
+#      drop-in), and what a missing group does to a unit.
 # Needs root. Prints PASS/FAIL lines; exits non-zero on any failure.
-# Environment: GDA_SYSTEMD_PORT (default 18892), GDA_ECHO_PORT (18901), KEEP=1 keeps files.
+# Environment: GDA_SYSTEMD_PORT (default 18892), GDA_ECHO_PORT (18901), GDA_DOCKER_GID (the
+# docker group's number when the host has none: 61240), GDA_SKIP_BOOT=1 skips stage 5,
+# KEEP=1 keeps files.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,7 +35,11 @@ PORT="${GDA_SYSTEMD_PORT:-18892}"
 ECHO_PORT="${GDA_ECHO_PORT:-18901}"
 MAX_EXPOSURE=2.0
 SERVICE_UID=61234     # stands in for the DynamicUser= uid
+# The docker group: the host's when it has one, else a number that stands in for it.
+DOCKER_GID=$(getent group docker | cut -d: -f3 || true)
+DOCKER_GID="${DOCKER_GID:-${GDA_DOCKER_GID:-61240}}"
 WORK="$(mktemp -d /tmp/godoxy-systemd-check.XXXXXX)"
+ENGINE="$WORK/engine"
 
 failures=0
 pass() { echo "PASS: $*"; }
@@ -33,6 +49,7 @@ die() { echo "FAIL: $*"; exit 1; }
 
 INSTALLED_BIN=""
 AGENT_PID=""
+ENGINE_UP=""
 PIDS=()
 cleanup() {
   set +e
@@ -40,6 +57,10 @@ cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
   [ -n "$INSTALLED_BIN" ] && rm -f "$INSTALLED_BIN"
   [ -n "${BOOTED:-}" ] && timeout 60 podman rm -f -t 10 "$BOOT_CTR" >/dev/null 2>&1
+  if [ -n "$ENGINE_UP" ]; then
+    timeout 120 "$ROOT/scripts/docker-engine.sh" stop "$ENGINE" >>"$WORK/engine.log" 2>&1 ||
+      echo "cleanup: scripts/docker-engine.sh stop $ENGINE failed (see $WORK/engine.log)"
+  fi
   if [ "${KEEP:-}" = 1 ]; then echo "work folder kept: $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -57,6 +78,9 @@ if [ "${#need[@]}" -gt 0 ]; then
   timeout 600 apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 echo "$(systemd-analyze --version | head -1); PID 1 is '$(ps -o comm= -p 1)'"
+# The ports must be free: another program there would answer in the agent's place.
+busy=$(ss -Hltnup "( sport = :$PORT or sport = :$ECHO_PORT )" 2>/dev/null | awk '{print $1, $5, $7}' || true)
+[ -z "$busy" ] || die "port(s) in use (choose others with GDA_SYSTEMD_PORT, GDA_ECHO_PORT): $(tr '\n' ';' <<<"$busy")"
 
 step "release binary"
 (cd "$ROOT" && timeout 900 cargo build --release --locked --bin godoxy-agent) >"$WORK/build.log" 2>&1 ||
@@ -92,6 +116,23 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
+step "a Docker engine for the relay (podman's Docker API: scripts/docker-engine.sh)"
+t0=$SECONDS
+ENGINE_UP=1
+SOCK=$(timeout 900 "$ROOT/scripts/docker-engine.sh" start "$ENGINE" 2>>"$WORK/engine.log") ||
+  { tail -20 "$WORK/engine.log"; die "scripts/docker-engine.sh start $ENGINE"; }
+[ -S "$SOCK" ] || die "scripts/docker-engine.sh start printed '$SOCK', not a socket"
+# As Docker makes its socket: root:docker 0660. Only the group grants the agent access.
+chgrp "$DOCKER_GID" "$SOCK"
+chmod 0660 "$SOCK"
+# A container with a known name, for the list through the agent.
+ENGINE_CTR="godoxy-systemd-check-$$"
+timeout 60 "$ROOT/scripts/docker-engine.sh" podman "$ENGINE" create --name "$ENGINE_CTR" \
+  --network none "${GDE_IMAGE:-localhost/godoxy-test:latest}" >/dev/null 2>>"$WORK/engine.log" ||
+  { tail -5 "$WORK/engine.log"; die "creating a container in the engine"; }
+echo "engine on $SOCK ($(stat -c '%U:%g %a' "$SOCK")) in $((SECONDS - t0))s, container $ENGINE_CTR"
+
+# ---------------------------------------------------------------------------------------------
 step "the agent as the unit runs it (unprivileged, config and certificates as credentials)"
 # /etc/godoxy-agent as the install notes lay it out: root-only.
 ETC="$WORK/etc/godoxy-agent"
@@ -109,6 +150,8 @@ udp = "127.0.0.1:$PORT"
 ca = "ca.pem"
 cert = "server.pem"
 key = "server.key"
+[docker]
+socket = "$SOCK"
 EOF
 chmod 0600 "$ETC/config.toml"
 if out=$("$BIN" check-config --config "$ETC/config.toml" 2>&1); then
@@ -127,6 +170,26 @@ chown "$SERVICE_UID:$SERVICE_UID" "$CRED"
 chmod 0500 "$CRED"
 chmod 0755 "$WORK" "$WORK/run" "$WORK/run/credentials"
 echo "credentials: $(ls "$CRED" | tr '\n' ' ')"
+
+# check-config as the service user, on the credentials: its stderr names the engine when the
+# socket answers, or warns. With the docker group (SupplementaryGroups=docker), then without.
+as_service() {
+  { setpriv --reuid="$SERVICE_UID" --regid="$SERVICE_UID" "$1" --no-new-privs --inh-caps=-all \
+      --bounding-set=-all env -i PATH=/usr/bin:/bin "$BIN" check-config --config "$CRED/config.toml" \
+      >/dev/null; } 2>&1 || true
+}
+out=$(as_service --groups="$DOCKER_GID")
+if grep -q "^docker: $SOCK answers: " <<<"$out"; then
+  pass "check-config as the service user with the docker group: $(grep '^docker:' <<<"$out")"
+else
+  fail "check-config with the docker group: $out"
+fi
+out=$(as_service --clear-groups)
+if grep -q "^warning: docker: .*Permission denied" <<<"$out"; then
+  pass "check-config without the group: $(grep -o '^warning: docker: [^;]*' <<<"$out")"
+else
+  fail "check-config without the docker group should warn: $out"
+fi
 
 cat >"$WORK/helpers.py" <<'PY'
 import os, socket, ssl, struct, sys, threading, time, zlib
@@ -227,7 +290,7 @@ else
 fi
 # The unit's environment, as systemd would give it (no other variables): 2s watchdog so the
 # pings show up quickly. The agent runs under setpriv, then (when present) strace.
-"${STRACE[@]}" setpriv --reuid="$SERVICE_UID" --regid="$SERVICE_UID" --clear-groups \
+"${STRACE[@]}" setpriv --reuid="$SERVICE_UID" --regid="$SERVICE_UID" --groups="$DOCKER_GID" \
   --no-new-privs --inh-caps=-all --bounding-set=-all \
   env -i PATH=/usr/bin:/bin RUST_LOG=info CREDENTIALS_DIRECTORY="$CRED" \
       NOTIFY_SOCKET="$NOTIFY" WATCHDOG_USEC=2000000 \
@@ -243,12 +306,14 @@ fi
 APID=$(agent_pid)
 [ -n "$APID" ] || die "agent process not found"
 uid=$(awk '/^Uid:/ {print $2}' "/proc/$APID/status")
+groups=$(awk '/^Groups:/ {print $2 $3}' "/proc/$APID/status")
 caps=$(awk '/^CapEff:/ {print $2}' "/proc/$APID/status")
 nnp=$(awk '/^NoNewPrivs:/ {print $2}' "/proc/$APID/status")
-if [ "$uid" = "$SERVICE_UID" ] && [ "$caps" = 0000000000000000 ] && [ "$nnp" = 1 ]; then
-  pass "agent runs as uid $uid, CapEff $caps, NoNewPrivs $nnp"
+if [ "$uid" = "$SERVICE_UID" ] && [ "$groups" = "$DOCKER_GID" ] && [ "$caps" = 0000000000000000 ] &&
+   [ "$nnp" = 1 ]; then
+  pass "agent runs as uid $uid, groups $groups (docker), CapEff $caps, NoNewPrivs $nnp"
 else
-  fail "agent uid '$uid', CapEff '$caps', NoNewPrivs '$nnp'"
+  fail "agent uid '$uid', groups '$groups', CapEff '$caps', NoNewPrivs '$nnp'"
 fi
 
 C="$WORK/certs"
@@ -263,6 +328,35 @@ if out=$(timeout 30 python3 "$WORK/helpers.py" tcp "$PORT" "$C" "$ECHO_PORT" 2>&
   pass "TCP tunnel: $out"
 else
   fail "TCP tunnel: $out"
+fi
+# The Docker API through the agent (mTLS), answered by the engine thanks to the group.
+docker_api() {
+  curl -sS --max-time 10 --cacert "$C/ca.pem" --cert "$C/client.pem" --key "$C/client.key" \
+    --resolve "godoxy.agent:$PORT:127.0.0.1" -w '\n%{http_code}' "$@" 2>&1 || true
+}
+if grep -q "Docker API relay ready socket=$SOCK" "$WORK/agent.log"; then
+  pass "start-up log: $(grep -o 'Docker API relay ready.*' "$WORK/agent.log")"
+else
+  fail "no 'Docker API relay ready' at start: $(grep -i docker "$WORK/agent.log")"
+fi
+out=$(docker_api "https://godoxy.agent:$PORT/_ping")
+if [ "$(tail -1 <<<"$out")" = 200 ] && [ "$(head -1 <<<"$out")" = OK ]; then
+  pass "Docker API through the agent: GET /_ping -> 200 OK"
+else
+  fail "GET /_ping through the agent: $(tr '\n' ' ' <<<"$out")"
+fi
+out=$(docker_api "https://godoxy.agent:$PORT/containers/json?all=1")
+if [ "$(tail -1 <<<"$out")" = 200 ] && grep -q "\"/$ENGINE_CTR\"" <<<"$out"; then
+  pass "Docker API through the agent: GET /containers/json?all=1 -> 200, lists $ENGINE_CTR"
+else
+  fail "GET /containers/json through the agent: $(head -c 300 <<<"$out")"
+fi
+out=$(docker_api -X POST -H 'Content-Type: application/json' -d '{}' \
+        "https://godoxy.agent:$PORT/containers/create")
+if [ "$(tail -1 <<<"$out")" = 403 ]; then
+  pass "Docker API through the agent: POST /containers/create -> 403 (docker.access = godoxy)"
+else
+  fail "POST /containers/create through the agent should be refused: $(tr '\n' ' ' <<<"$out")"
 fi
 if "$BIN" probe --help >/dev/null 2>&1; then
   if out=$(timeout 30 "$BIN" probe --server "127.0.0.1:$PORT" --all --certs "$C" 2>&1); then
@@ -349,6 +443,9 @@ boot_stage() {
   cp -a /etc "$SYSROOT/"
   rm -f "$SYSROOT"/etc/{shadow,gshadow}* "$SYSROOT"/etc/systemd/system/multi-user.target.wants/*
   rm -rf "$SYSROOT/etc/godoxy-agent"
+  # As on Debian: /var/run is /run. And a docker group, as a Docker host has one.
+  ln -s ../run "$SYSROOT/var/run"
+  grep -q '^docker:' "$SYSROOT/etc/group" || echo "docker:x:$DOCKER_GID:" >>"$SYSROOT/etc/group"
   cp "$BIN" "$WORK/bin/godoxy-agent"
   # Installed as the unit's header says: root-only /etc/godoxy-agent, the unit, enabled.
   install -d -m 0700 "$SYSROOT/etc/godoxy-agent"
@@ -367,9 +464,11 @@ boot_stage() {
 
   # systemd makes / a shared mount at boot, but not inside a container; LoadCredential= needs
   # it (the credentials folder is mounted in a helper's namespace and must propagate back), so
-  # the container does that first, then execs systemd as PID 1.
+  # the container does that first, then execs systemd as PID 1. The engine's socket (root,
+  # group docker, 0660) is where Docker's is: /run/docker.sock, also /var/run/docker.sock.
   if ! timeout 120 podman --runtime runc run -d --name "$BOOT_CTR" --privileged --network none \
         --systemd=always -v /usr:/usr:ro -v "$WORK/bin:/usr/local/bin:ro" \
+        -v "$SOCK:/run/docker.sock" \
         --rootfs "$SYSROOT" /bin/sh -c 'mount --make-rshared / && exec /sbin/init' \
         >"$WORK/boot.err" 2>&1; then
     echo "SKIP: cannot boot systemd in a container here: $(tail -1 "$WORK/boot.err")"
@@ -434,12 +533,16 @@ boot_stage() {
     fail "systemd: no READY status"
   fi
   pid=$(sed -n 's/^MainPID=//p' <<<"$show")
-  status=$(in_ctr "grep -E '^(Uid|CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/$pid/status | tr -s '\t' ' ' | tr '\n' ' '")
+  status=$(in_ctr "grep -E '^(Uid|Groups|CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/$pid/status | tr -s '\t' ' ' | tr '\n' ' '")
+  # Supplementary groups: the docker group, and the dynamic user's own (systemd adds it).
+  local extra
+  extra=$(in_ctr "awk '/^Gid:/ {g = \$2} /^Groups:/ {for (i = 2; i <= NF; i++) if (\$i != g) print \$i}' /proc/$pid/status" | tr '\n' ' ')
   if grep -q 'Uid: 0 ' <<<"$status" || ! grep -q 'CapEff: 0000000000000000' <<<"$status" ||
-     ! grep -q 'NoNewPrivs: 1' <<<"$status" || ! grep -q 'Seccomp: 2' <<<"$status"; then
-    fail "systemd: sandbox not in force: $status"
+     ! grep -q 'NoNewPrivs: 1' <<<"$status" || ! grep -q 'Seccomp: 2' <<<"$status" ||
+     [ "$extra" != "$DOCKER_GID " ]; then
+    fail "systemd: sandbox not in force, or groups other than its own and docker ($extra): $status"
   else
-    pass "systemd: dynamic user, no capabilities, seccomp filter on: $status"
+    pass "systemd: dynamic user, its own group and docker ($DOCKER_GID), no capabilities, seccomp filter on: $status"
   fi
   local out
   if out=$(in_ctr 'curl -sS --max-time 10 --cacert /root/client/ca.pem --cert /root/client/client.pem \
@@ -449,6 +552,39 @@ boot_stage() {
     pass "systemd: /godoxy/agent/info over mTLS: $out"
   else
     fail "systemd: /info: $out"
+  fi
+  # The Docker API through the sandboxed agent (ProtectSystem=strict: /run is read-only;
+  # PrivateUsers=yes; the group from SupplementaryGroups=docker).
+  docker_in_ctr() {
+    in_ctr "curl -sS --max-time ${2:-10} --cacert /root/client/ca.pem --cert /root/client/client.pem \
+              --key /root/client/client.key --resolve godoxy.agent:8890:127.0.0.1 -w '\n%{http_code}' \
+              'https://godoxy.agent:8890$1'" 2>&1 || true
+  }
+  if in_ctr 'journalctl -u godoxy-agent --no-pager -o cat' |
+       grep -q 'Docker API relay ready socket=/var/run/docker.sock'; then
+    pass "systemd: journal: $(in_ctr 'journalctl -u godoxy-agent --no-pager -o cat' |
+                                grep -o 'Docker API relay ready.*' | tail -1)"
+  else
+    fail "systemd: no 'Docker API relay ready' in the journal:" \
+         "$(in_ctr 'journalctl -u godoxy-agent --no-pager -o cat' | grep -i docker | tail -3)"
+  fi
+  out=$(docker_in_ctr /_ping)
+  if [ "$(tail -1 <<<"$out")" = 200 ] && [ "$(head -1 <<<"$out")" = OK ]; then
+    pass "systemd: Docker API through the unit (/run/docker.sock): GET /_ping -> 200 OK"
+  else
+    fail "systemd: GET /_ping through the unit: $(tr '\n' ' ' <<<"$out")"
+  fi
+  out=$(docker_in_ctr '/containers/json?all=1')
+  if [ "$(tail -1 <<<"$out")" = 200 ] && grep -q "\"/$ENGINE_CTR\"" <<<"$out"; then
+    pass "systemd: Docker API through the unit: GET /containers/json?all=1 -> 200, lists $ENGINE_CTR"
+  else
+    fail "systemd: GET /containers/json through the unit: $(head -c 300 <<<"$out")"
+  fi
+  out=$(in_ctr '/usr/local/bin/godoxy-agent check-config --config /etc/godoxy-agent/config.toml 2>&1 >/dev/null' || true)
+  if grep -q '^docker: /var/run/docker.sock answers: ' <<<"$out"; then
+    pass "systemd: check-config on /etc/godoxy-agent/config.toml: $(grep '^docker:' <<<"$out")"
+  else
+    fail "systemd: check-config's docker line: $out"
   fi
   in_ctr "(timeout 120 python3 /root/helpers.py echo $ECHO_PORT 110 >/dev/null 2>&1 &) ; sleep 0.5"
   if out=$(in_ctr "python3 /root/helpers.py tcp 8890 /root/client $ECHO_PORT" 2>&1); then
@@ -504,6 +640,67 @@ boot_stage() {
   else
     pass "systemd: no ERROR lines from the agent in the journal${errors:+ (warnings: $(wc -l <<<"$errors"))}"
     [ -n "$errors" ] && sed 's/^/  /' <<<"$errors" | head -5
+  fi
+
+  # Rootful podman's own socket, as docs/DEPLOY.md sets it up: podman.socket (from this
+  # host's podman package) with a SocketGroup= drop-in; /run/podman, which podman's tmpfiles.d
+  # makes root:root 0700, made passable for the group (0710 root:docker) by an override of
+  # that file; the agent pointed at the socket by a drop-in. A socket already listening keeps
+  # its old group until podman.socket is restarted (with podman.service stopped). The first
+  # call starts podman.service through the socket.
+  if in_ctr 'systemctl cat podman.socket && grep -q "^D! /run/podman 0700 root root$" /usr/lib/tmpfiles.d/podman.conf' \
+       >/dev/null 2>&1; then
+    in_ctr 'mkdir -p /etc/systemd/system/podman.socket.d /etc/systemd/system/godoxy-agent.service.d &&
+            printf "[Socket]\nSocketGroup=docker\n" >/etc/systemd/system/podman.socket.d/group.conf &&
+            sed "s|^D! /run/podman 0700 root root\$|D! /run/podman 0710 root docker|" \
+              /usr/lib/tmpfiles.d/podman.conf >/etc/tmpfiles.d/podman.conf &&
+            systemd-tmpfiles --create --boot /etc/tmpfiles.d/podman.conf &&
+            printf "[Service]\nEnvironment=DOCKER_SOCKET=/run/podman/podman.sock RUNTIME=podman\n" \
+              >/etc/systemd/system/godoxy-agent.service.d/podman.conf &&
+            systemctl daemon-reload && systemctl stop podman.service podman.socket 2>/dev/null &&
+            systemctl start podman.socket && systemctl start godoxy-agent' || true
+    local mode
+    mode=$(in_ctr 'stat -c "%U:%G %a" /run/podman /run/podman/podman.sock | tr "\n" " "' 2>&1 || true)
+    if wait_active && [ "$mode" = "root:docker 710 root:docker 660 " ]; then
+      out=$(docker_in_ctr /_ping 60)
+      if [ "$(tail -1 <<<"$out")" = 200 ] && [ "$(head -1 <<<"$out")" = OK ]; then
+        pass "systemd: podman.socket with SocketGroup=docker, /run/podman 0710 (${mode% }), DOCKER_SOCKET=/run/podman/podman.sock: GET /_ping through the unit -> 200 OK"
+      else
+        fail "systemd: podman socket: GET /_ping through the unit: $(tr '\n' ' ' <<<"$out")"
+        in_ctr 'journalctl -u podman.service --no-pager -o cat -n 5' || true
+      fi
+      out=$(docker_in_ctr /version)
+      if [ "$(tail -1 <<<"$out")" = 200 ] && grep -q '"Name":"Podman Engine"' <<<"$out"; then
+        pass "systemd: GET /version through the unit: 200, Podman Engine"
+      else
+        fail "systemd: GET /version through the unit: $(head -c 300 <<<"$out")"
+      fi
+    else
+      fail "systemd: podman.socket drop-in: folder and socket '$mode', agent $(in_ctr 'systemctl is-active godoxy-agent' || true)"
+    fi
+    in_ctr 'systemctl stop godoxy-agent podman.socket podman.service;
+            rm -f /etc/systemd/system/godoxy-agent.service.d/podman.conf; systemctl daemon-reload' || true
+  else
+    echo "SKIP: no podman.socket unit, or podman's tmpfiles.d line for /run/podman differs: the podman socket set-up not tested"
+  fi
+
+  # SupplementaryGroups=docker on a host without that group: the unit does not start
+  # (216/GROUP); a drop-in with an empty SupplementaryGroups= makes it start (tunnels only).
+  in_ctr "sed -i '/^docker:/d' /etc/group && systemctl reset-failed godoxy-agent;
+          systemctl start godoxy-agent" >/dev/null 2>&1 || true
+  sleep 0.5
+  show=$(in_ctr 'systemctl show godoxy-agent -p ActiveState -p ExecMainStatus' 2>&1 || true)
+  if grep -q '^ExecMainStatus=216$' <<<"$show" && ! grep -q '^ActiveState=active' <<<"$show"; then
+    pass "systemd: without a docker group the unit does not start: status=216/GROUP"
+  else
+    fail "systemd: without a docker group: $(tr '\n' ' ' <<<"$show")"
+  fi
+  in_ctr 'printf "[Service]\nSupplementaryGroups=\n" >/etc/systemd/system/godoxy-agent.service.d/no-docker.conf &&
+          systemctl daemon-reload && systemctl reset-failed godoxy-agent; systemctl start godoxy-agent' || true
+  if wait_active; then
+    pass "systemd: with the drop-in SupplementaryGroups= (empty) it starts without the group"
+  else
+    fail "systemd: the SupplementaryGroups= drop-in did not help: $(in_ctr 'systemctl show godoxy-agent -p ActiveState -p ExecMainStatus' | tr '\n' ' ')"
   fi
 }
 
