@@ -702,6 +702,23 @@ boot_stage() {
   else
     fail "systemd: the SupplementaryGroups= drop-in did not help: $(in_ctr 'systemctl show godoxy-agent -p ActiveState -p ExecMainStatus' | tr '\n' ' ')"
   fi
+
+  # godoxy.env as an EnvironmentFile=, parsed by this systemd: the quotes come off, the ';'
+  # stays in the value, and the agent loads the certificates from the variables alone.
+  install -m 0600 "$WORK/certs/godoxy.env" "$SYSROOT/root/godoxy.env"
+  printf '[listen]\ntcp = "127.0.0.1:0"\nudp = ""\n[docker]\naccess = "off"\n[tls]\nca = "/none/ca.pem"\ncert = "/none/s.pem"\nkey = "/none/s.key"\n' \
+    >"$SYSROOT/root/env-only.toml"
+  local envfile_out first
+  first=$(in_ctr 'systemd-run -q --wait --pipe -p EnvironmentFile=/root/godoxy.env \
+                  sh -c "printf %s \"\$AGENT_SSL_CERT\" | cut -c1"' 2>&1 || true)
+  envfile_out=$(in_ctr 'systemd-run -q --wait --pipe -p EnvironmentFile=/root/godoxy.env \
+                  /usr/local/bin/godoxy-agent check-config --config /root/env-only.toml 2>&1' 2>&1 || true)
+  if [ "$first" != '"' ] && grep -q 'cert = "<from $AGENT_SSL_CERT, elided>"' <<<"$envfile_out" \
+     && grep -q 'ca = "<from $AGENT_CA_CERT, elided>"' <<<"$envfile_out"; then
+    pass "systemd: godoxy.env as EnvironmentFile= (quotes removed by systemd): check-config loads both certificates from it"
+  else
+    fail "systemd: godoxy.env as EnvironmentFile=: first char '$first'; $(tail -3 <<<"$envfile_out" | tr '\n' ' ')"
+  fi
 }
 
 BOOTED=""
