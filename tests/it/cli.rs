@@ -525,7 +525,7 @@ async fn run_serves_logs_tunnels_and_stops_on_sigterm() {
         .parse::<u64>()
         .unwrap_or_else(|_| panic!("duration_ms not a number: {closed}"));
     assert!(
-        closed.contains("CN=godoxy-agent client"),
+        closed.contains("OU=Client") && closed.contains("CN=godoxy.agent"),
         "no client subject: {closed}"
     );
     assert!(closed.contains("O=GoDoxy"), "{closed}");

@@ -373,10 +373,7 @@ async fn udp_forward_drains_its_sessions_on_sigterm() {
     assert_eq!(daemon.stat(|s| &s.udp_sessions), 20);
 
     let pid = fwd.0.id().to_string();
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(kill.success());
     let started = Instant::now();
     while daemon.stat(|s| &s.udp_sessions) > 0 {

@@ -509,7 +509,7 @@ async fn refusals_are_logged_with_the_subject_and_throttled() {
     }
     let line = agent.wait_for(&["Docker API call refused", "WARN"]).await;
     assert!(
-        line.contains("subject=\"CN=godoxy-agent client, O=GoDoxy\""),
+        line.contains("subject=\"O=GoDoxy, OU=Client, CN=godoxy.agent\""),
         "{line}"
     );
     assert!(line.contains("method=POST"), "{line}");
