@@ -36,6 +36,8 @@ pub struct Config {
     pub docker: DockerConfig,
     /// Host metrics for GoDoxy's dashboard (`/godoxy/agent/system_info`).
     pub metrics: MetricsConfig,
+    /// Which destinations the agent dials for a client.
+    pub policy: PolicyConfig,
 }
 
 /// A GoDoxy release string, `vMAJOR.MINOR.PATCH` with an optional `-suffix`: what a GoDoxy
@@ -158,6 +160,35 @@ impl Default for DockerConfig {
             socket: PathBuf::from("/var/run/docker.sock"),
             access: DockerAccess::Godoxy,
             response_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[policy]`: the destinations the agent dials for a client (TCP and UDP tunnels,
+/// `/proxy/http`, `/health`). Every address a name resolves to is judged; only allowed
+/// addresses are dialed. Entries are checked when the file loads (`crate::policy` has the
+/// grammar); `config/godoxy-agent.toml` documents them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Destinations allowed (addresses, CIDRs, host names, `@host-addresses`,
+    /// `@host-networks`, `*`, each optionally `:PORTS`); empty = the defaults: loopback, the
+    /// private ranges, this host's addresses and the networks on its interfaces.
+    pub allow: Vec<String>,
+    /// Destinations refused, on top of the built-in refusals; deny wins over allow.
+    pub deny: Vec<String>,
+    /// The built-in refusals: link-local ranges and cloud metadata endpoints (169.254.0.0/16,
+    /// fe80::/10, fd00:ec2::254, 100.100.100.200). The unspecified addresses (0.0.0.0, ::)
+    /// are refused whatever this says.
+    pub deny_link_local: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            deny_link_local: true,
         }
     }
 }
@@ -478,6 +509,7 @@ struct FileConfig {
     http: HttpConfig,
     docker: DockerConfig,
     metrics: MetricsConfig,
+    policy: PolicyConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -570,6 +602,7 @@ impl Config {
                 state_dir: file.metrics.state_dir.map(resolve),
                 ..file.metrics
             },
+            policy: file.policy,
         };
         let mut errors = Vec::new();
         let mut diagnostics = Diagnostics::default();
@@ -611,6 +644,11 @@ impl Config {
         let (shortest, longest) = MetricsConfig::INTERVAL_RANGE;
         if !(shortest..=longest).contains(&self.metrics.interval) {
             invalid("metrics.interval", "must be between 1s and 60s");
+        }
+        if let Err(entries) = crate::policy::Policy::new(&self.policy) {
+            for entry in entries {
+                invalid(entry.key, &entry.reason);
+            }
         }
     }
 

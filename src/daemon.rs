@@ -14,8 +14,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::dtls::{self, UdpLimits, UdpShared};
-use crate::http::{AgentInfo, Docker, HttpShared, Proxy};
+use crate::http::{AgentInfo, Docker, Health, HttpShared, Proxy};
 use crate::metrics::Metrics;
+use crate::policy::Policy;
 use crate::stats::Stats;
 use crate::tcp_listener::{self, Shared};
 use crate::tls::TlsMaterial;
@@ -41,6 +42,14 @@ impl Daemon {
         let tcp = bind_tcp(config.listen.tcp)
             .with_context(|| format!("listen.tcp: binding {}", config.listen.tcp))?;
         let stats = Arc::new(Stats::default());
+        // One policy for every dial made for a client: tunnels, HTTP routes, health checks.
+        let policy = Arc::new(Policy::new(&config.policy).map_err(|errors| {
+            let reasons: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{}: {}", e.key, e.reason))
+                .collect();
+            anyhow::anyhow!("{}", reasons.join("; "))
+        })?);
         let timeouts = Timeouts {
             header: config.stream.header_timeout,
             dial: config.stream.dial_timeout,
@@ -70,6 +79,7 @@ impl Daemon {
                     dtls,
                     limits,
                     stats: stats.clone(),
+                    policy: policy.clone(),
                 };
                 Some((Arc::new(socket), Arc::new(shared)))
             }
@@ -85,13 +95,15 @@ impl Daemon {
             http: Arc::new(HttpShared {
                 info: AgentInfo::new(&config),
                 docker: Docker::new(&config.docker),
-                proxy: Proxy::default(),
+                proxy: Proxy::new(policy.clone()),
+                health: Health::new(policy.clone()),
                 metrics: Metrics::new(&config.metrics),
                 header_timeout: config.http.header_timeout,
                 idle_timeout: config.http.idle_timeout,
             }),
             handshake_timeout: config.stream.handshake_timeout,
             timeouts,
+            policy,
             stats,
         });
         Ok(Self {

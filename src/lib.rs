@@ -15,6 +15,8 @@
 //! - `protocol`: the 275-byte header and the names both ends agree on;
 //! - `tunnel`: the one pipeline (header -> probe -> destination -> dial -> relay -> closing
 //!   line), with `tunnel::tcp` and `tunnel::udp` as its two transports;
+//! - `policy`: `[policy]`, which destinations may be dialed: resolve once, judge every
+//!   address, dial only those (tunnels, `/proxy/http` and `/health` alike);
 //! - `dtls`: the UDP side: demultiplexer, one session task per peer;
 //! - `http`: the HTTP side: `http/mod.rs` routes, `http/conn.rs` decides when a connection may
 //!   close (idle apart from header time), `http/info.rs` is `/godoxy/agent/info`,
@@ -37,6 +39,7 @@ mod dtls;
 pub mod forward;
 mod http;
 mod metrics;
+mod policy;
 pub mod protocol;
 mod stats;
 mod tcp_listener;

@@ -15,6 +15,7 @@ use tracing::{Instrument as _, debug, field, info_span, warn};
 
 use crate::alpn::Alpn;
 use crate::http::{self, HttpShared};
+use crate::policy::Policy;
 use crate::stats::Stats;
 use crate::tunnel::tcp::{TcpLink, tune};
 use crate::tunnel::{self, Timeouts};
@@ -39,6 +40,8 @@ pub(crate) struct Shared {
     pub(crate) handshake_timeout: Duration,
     /// Tunnel timeouts.
     pub(crate) timeouts: Timeouts,
+    /// Which tunnel destinations may be dialed.
+    pub(crate) policy: Arc<Policy>,
     /// Counters.
     pub(crate) stats: Arc<Stats>,
 }
@@ -138,6 +141,7 @@ async fn serve_connection(
             let mut tls = tls;
             let cx = tunnel::Context {
                 timeouts: shared.timeouts,
+                policy: &shared.policy,
                 stats: &shared.stats,
                 shutdown: &shutdown,
                 stop: &hard_stop,

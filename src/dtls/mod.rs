@@ -27,6 +27,7 @@ use tracing::{Instrument as _, debug, field, info_span, warn};
 use webrtc_dtls::config::{ClientAuthType, Config as DtlsConfig, ExtendedMasterSecretType};
 
 use self::peer::PeerConn;
+use crate::policy::Policy;
 use crate::protocol::DTLS_CIPHER_SUITE;
 use crate::stats::Stats;
 use crate::tls::TlsMaterial;
@@ -67,6 +68,8 @@ pub(crate) struct UdpShared {
     pub(crate) limits: UdpLimits,
     /// Counters.
     pub(crate) stats: Arc<Stats>,
+    /// Which tunnel destinations may be dialed.
+    pub(crate) policy: Arc<Policy>,
 }
 
 /// The DTLS server configuration: the TLS port's certificate and CA, one cipher suite,

@@ -83,6 +83,7 @@ pub(super) async fn run(
 
     let cx = tunnel::Context {
         timeouts: limits.timeouts,
+        policy: &shared.policy,
         stats,
         shutdown: &shutdown,
         stop: &stop,

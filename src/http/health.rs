@@ -1,10 +1,12 @@
 //! `GET /godoxy/agent/health`: GoDoxy's health checks of the routes on this agent, run from
 //! here. Query: `scheme`, `host` (`host:port`), `port`, `path`, `timeout` (milliseconds; empty
 //! or 0 = 5 s). Answer: `{"healthy","detail","latency"}` with the latency in nanoseconds.
+//! A target the destination policy refuses is not checked: 403 with a line of text, as a
+//! refused `/proxy/http` request (GoDoxy shows it as the check's failure).
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::Empty;
@@ -12,14 +14,14 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode, Uri, Version, header};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
-use tokio::net::{TcpStream, UdpSocket, lookup_host};
+use tokio::net::{TcpStream, UdpSocket};
 use tracing::{debug, warn};
 
 use super::relay::error_chain;
 use super::{Response, reply};
+use crate::policy::{Denial, Policy, PolicyConnector, Refused, denial_in, host_of};
 
 /// When the query gives no timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -96,16 +98,47 @@ impl Query {
     }
 }
 
-/// Answers one health request.
-pub(super) async fn handle(method: &Method, query: Option<&str>) -> Response {
-    if method != Method::GET && method != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET".to_owned());
+/// The health checks, with their clients: every dial goes through the destination policy.
+pub(crate) struct Health {
+    policy: Arc<Policy>,
+    /// http and https; an error (TLS set-up) is each check's answer.
+    http: Result<HttpClient, String>,
+    h2c: H2cClient,
+}
+
+impl Health {
+    pub(crate) fn new(policy: Arc<Policy>) -> Self {
+        Self {
+            http: http_client(&policy),
+            h2c: h2c_client(&policy),
+            policy,
+        }
     }
-    let query = Query::parse(query.unwrap_or(""));
+
+    /// Answers one health request.
+    pub(super) async fn handle(&self, method: &Method, query: Option<&str>) -> Response {
+        if method != Method::GET && method != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use GET".to_owned());
+        }
+        let query = Query::parse(query.unwrap_or(""));
+        answer(self, &query).await
+    }
+}
+
+/// Runs the check a query asks for, or says why not.
+async fn answer(health: &Health, query: &Query) -> Response {
     let started = Instant::now();
-    let result = match check(&query).await {
+    let result = match check(health, query).await {
         Ok(outcome) => outcome,
-        Err(BadRequest(reason)) => return text(StatusCode::BAD_REQUEST, reason),
+        Err(NoCheck::BadRequest(reason)) => return text(StatusCode::BAD_REQUEST, reason),
+        Err(NoCheck::Denied(denial)) => {
+            // The client's subject is on the connection's span.
+            warn!(scheme = %query.scheme, host = %query.host, "health check denied by policy: {denial}");
+            return text(
+                StatusCode::FORBIDDEN,
+                format!("403 Forbidden: destination denied by the agent's policy: {denial}"),
+            );
+        }
     };
     match result {
         Ok(outcome) => {
@@ -124,22 +157,27 @@ pub(super) async fn handle(method: &Method, query: Option<&str>) -> Response {
     }
 }
 
-/// A query GoDoxy would never send: 400.
-struct BadRequest(String);
+/// Why no check was made.
+enum NoCheck {
+    /// A query GoDoxy would never send: 400.
+    BadRequest(String),
+    /// The policy refuses the target: 403.
+    Denied(Denial),
+}
 
-async fn check(query: &Query) -> Result<Result<Outcome, CheckFailed>, BadRequest> {
+async fn check(health: &Health, query: &Query) -> Result<Result<Outcome, CheckFailed>, NoCheck> {
     let timeout = query.timeout();
     match query.scheme.as_str() {
-        "" => Err(BadRequest("missing scheme".to_owned())),
+        "" => Err(NoCheck::BadRequest("missing scheme".to_owned())),
         "fileserver" => {
             if query.path.is_empty() {
-                return Err(BadRequest("missing path".to_owned()));
+                return Err(NoCheck::BadRequest("missing path".to_owned()));
             }
             Ok(file_exists(query.path.clone()).await)
         }
         scheme @ ("http" | "https" | "h2c") => {
             if query.host.is_empty() {
-                return Err(BadRequest("missing host".to_owned()));
+                return Err(NoCheck::BadRequest("missing host".to_owned()));
             }
             let uri = format!(
                 "{}://{}/{}",
@@ -149,26 +187,29 @@ async fn check(query: &Query) -> Result<Result<Outcome, CheckFailed>, BadRequest
             );
             let uri: Uri = uri
                 .parse()
-                .map_err(|e| BadRequest(format!("bad host or path: {e}")))?;
-            Ok(Ok(head(uri, scheme == "h2c", timeout).await))
+                .map_err(|e| NoCheck::BadRequest(format!("bad host or path: {e}")))?;
+            head(health, uri, scheme == "h2c", timeout)
+                .await
+                .map(Ok)
+                .map_err(NoCheck::Denied)
         }
         scheme @ ("tcp" | "tcp4" | "tcp6" | "udp" | "udp4" | "udp6") => {
             if query.host.is_empty() {
-                return Err(BadRequest("missing host".to_owned()));
+                return Err(NoCheck::BadRequest("missing host".to_owned()));
             }
             let has_port = query.host.contains(':');
             let host = match (query.port.is_empty(), has_port) {
                 (false, true) => {
-                    return Err(BadRequest(
+                    return Err(NoCheck::BadRequest(
                         "port and host with port cannot both be provided".to_owned(),
                     ));
                 }
                 (false, false) => format!("{}:{}", query.host, query.port),
                 (true, _) => query.host.clone(),
             };
-            Ok(connect(scheme, &host, timeout).await)
+            connect(&health.policy, scheme, &host, timeout).await
         }
-        other => Err(BadRequest(format!(
+        other => Err(NoCheck::BadRequest(format!(
             "unknown scheme {other:?}: expected http, https, h2c, tcp, tcp4, tcp6, udp, udp4, \
              udp6 or fileserver"
         ))),
@@ -176,8 +217,8 @@ async fn check(query: &Query) -> Result<Result<Outcome, CheckFailed>, BadRequest
 }
 
 /// `HEAD` with certificates unverified: a 5xx is unhealthy, any other status healthy, no answer
-/// unhealthy with the reason.
-async fn head(uri: Uri, h2c: bool, timeout: Duration) -> Outcome {
+/// unhealthy with the reason; a target the policy refuses is the denial.
+async fn head(health: &Health, uri: Uri, h2c: bool, timeout: Duration) -> Result<Outcome, Denial> {
     let mut request = Request::head(uri)
         .header(
             header::USER_AGENT,
@@ -192,16 +233,21 @@ async fn head(uri: Uri, h2c: bool, timeout: Duration) -> Outcome {
     let started = Instant::now();
     let sent = if h2c {
         *request.version_mut() = Version::HTTP_2;
-        tokio::time::timeout(timeout, h2c_client().request(request)).await
+        tokio::time::timeout(timeout, health.h2c.request(request)).await
     } else {
-        let client = match http_client() {
+        let client = match &health.http {
             Ok(client) => client,
-            Err(reason) => return Outcome::unhealthy(Duration::ZERO, reason),
+            Err(reason) => return Ok(Outcome::unhealthy(Duration::ZERO, reason.clone())),
         };
         tokio::time::timeout(timeout, client.request(request)).await
     };
     let latency = started.elapsed();
-    match sent {
+    if let Ok(Err(err)) = &sent
+        && let Some(denial) = denial_in(err)
+    {
+        return Err(denial.clone());
+    }
+    Ok(match sent {
         Err(_) => Outcome::unhealthy(latency, format!("timed out after {timeout:?}")),
         Ok(Err(err)) => Outcome::unhealthy(latency, error_chain(&err)),
         Ok(Ok(response)) if response.status().is_server_error() => Outcome::unhealthy(
@@ -213,25 +259,44 @@ async fn head(uri: Uri, h2c: bool, timeout: Duration) -> Outcome {
                 .to_owned(),
         ),
         Ok(Ok(_)) => Outcome::healthy(latency),
-    }
+    })
 }
 
 /// Connects (TCP) or "connects" (UDP: a connected socket, as Go's dial): refused, reset or
-/// aborted is an unhealthy target; anything else (no route, time-out) a failed check.
-async fn connect(scheme: &str, host: &str, timeout: Duration) -> Result<Outcome, CheckFailed> {
+/// aborted is an unhealthy target; anything else (no route, time-out) a failed check. The
+/// addresses come from the policy (resolved once, each judged), so a denied target is refused
+/// before any packet leaves for it.
+async fn connect(
+    policy: &Policy,
+    scheme: &str,
+    host: &str,
+    timeout: Duration,
+) -> Result<Result<Outcome, CheckFailed>, NoCheck> {
     let started = Instant::now();
-    let port_ok = host
+    let Some((name, port)) = host
         .rsplit_once(':')
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok_and(|p| p != 0));
-    if !port_ok {
-        return Ok(Outcome::unhealthy(
+        .and_then(|(name, port)| Some((name, port.parse::<u16>().ok().filter(|&p| p != 0)?)))
+    else {
+        return Ok(Ok(Outcome::unhealthy(
             Duration::ZERO,
             "no port specified".to_owned(),
-        ));
-    }
+        )));
+    };
+    let addrs = match tokio::time::timeout(timeout, policy.resolve(&host_of(name), port)).await {
+        Ok(Ok(addrs)) => addrs,
+        Ok(Err(Refused::Denied(denial))) => return Err(NoCheck::Denied(denial)),
+        Ok(Err(Refused::Resolve(err))) => {
+            return Ok(Err(CheckFailed(format!("dial {scheme} {host}: {err}"))));
+        }
+        Err(_) => {
+            return Ok(Err(CheckFailed(format!(
+                "dial {scheme} {host}: timed out after {timeout:?}"
+            ))));
+        }
+    };
     let attempt = async {
-        let addrs: Vec<SocketAddr> = lookup_host(host)
-            .await?
+        let addrs: Vec<SocketAddr> = addrs
+            .into_iter()
             .filter(|a| match scheme.chars().last() {
                 Some('4') => a.is_ipv4(),
                 Some('6') => a.is_ipv6(),
@@ -262,7 +327,7 @@ async fn connect(scheme: &str, host: &str, timeout: Duration) -> Result<Outcome,
         }
         Err(last.unwrap_or_else(|| io::Error::other("no address")))
     };
-    match tokio::time::timeout(timeout, attempt).await {
+    Ok(match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(())) => Ok(Outcome::healthy(started.elapsed())),
         Ok(Err(err))
             if matches!(
@@ -282,7 +347,7 @@ async fn connect(scheme: &str, host: &str, timeout: Duration) -> Result<Outcome,
         Err(_) => Err(CheckFailed(format!(
             "dial {scheme} {host}: timed out after {timeout:?}"
         ))),
-    }
+    })
 }
 
 /// Whether a path exists on the agent's filesystem.
@@ -306,47 +371,32 @@ async fn file_exists(path: String) -> Result<Outcome, CheckFailed> {
 
 /// For http and https checks: certificates are not verified (GoDoxy's checks do not either).
 /// One connection per check, as GoDoxy's checks open their own: nothing is kept idle.
-fn http_client() -> Result<&'static HttpClient, String> {
-    static CLIENT: OnceLock<Result<HttpClient, String>> = OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            let provider = crate::tls::client_provider();
-            let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-                .map_err(|e| format!("TLS client: {e}"))?
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(super::proxy::NoVerification::new(
-                    provider,
-                )))
-                .with_no_client_auth();
-            let mut http = HttpConnector::new();
-            http.enforce_http(false);
-            http.set_nodelay(true);
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(http);
-            Ok(Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .build(connector))
-        })
-        .as_ref()
-        .map_err(Clone::clone)
+fn http_client(policy: &Arc<Policy>) -> Result<HttpClient, String> {
+    let provider = crate::tls::client_provider();
+    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS client: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(super::proxy::NoVerification::new(provider)))
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(PolicyConnector::new(policy.clone()));
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector))
 }
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpClient = Client<HttpsConnector<PolicyConnector>, Empty<Bytes>>;
+type H2cClient = Client<PolicyConnector, Empty<Bytes>>;
 
-fn h2c_client() -> &'static Client<HttpConnector, Empty<Bytes>> {
-    static CLIENT: OnceLock<Client<HttpConnector, Empty<Bytes>>> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_max_idle_per_host(0)
-            .build(http)
-    })
+fn h2c_client(policy: &Arc<Policy>) -> H2cClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .pool_max_idle_per_host(0)
+        .build(PolicyConnector::new(policy.clone()))
 }
 
 fn text(status: StatusCode, message: String) -> Response {

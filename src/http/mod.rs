@@ -27,6 +27,7 @@ use tracing::debug;
 
 use self::conn::{ConnClock, Tracked, Verdict, Watched};
 pub(crate) use self::docker::{Docker, probe as probe_docker};
+pub(crate) use self::health::Health;
 pub(crate) use self::info::AgentInfo;
 pub(crate) use self::proxy::Proxy;
 use crate::metrics::Metrics;
@@ -47,6 +48,8 @@ pub(crate) struct HttpShared {
     pub(crate) docker: Docker,
     /// HTTP routes.
     pub(crate) proxy: Proxy,
+    /// Health checks of the routes.
+    pub(crate) health: Health,
     /// `/system_info`: host metrics.
     pub(crate) metrics: Metrics,
     /// Time a client has to send a request's headers once it started one.
@@ -120,7 +123,7 @@ async fn route(req: Request<Incoming>, shared: &HttpShared, subject: &str) -> Re
         return shared.proxy.handle(req).await;
     }
     match path.strip_prefix(PREFIX) {
-        Some("health") => health::handle(req.method(), req.uri().query()).await,
+        Some("health") => shared.health.handle(req.method(), req.uri().query()).await,
         Some("system_info") => system_info::handle(req, &shared.metrics),
         Some(endpoint) => shared.info.handle(endpoint).unwrap_or_else(not_found),
         None => shared.docker.handle(req, subject).await,

@@ -17,7 +17,6 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, StatusCode, Uri, Version};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject as _;
@@ -28,6 +27,7 @@ use tracing::{debug, warn};
 
 use super::relay::{error_chain, splice, strip_hop_by_hop, wants_upgrade};
 use super::{Response, reply};
+use crate::policy::{Policy, PolicyConnector, denial_in};
 
 /// What the GoDoxy server puts before the route's own path.
 pub(super) const PREFIX: &str = "/godoxy/agent/proxy/http";
@@ -171,35 +171,32 @@ struct Origin {
 }
 
 enum OriginClient {
-    Http(Client<HttpsConnector<HttpConnector>, Incoming>),
+    Http(Client<HttpsConnector<PolicyConnector>, Incoming>),
     /// One client per h2c target: the request URI's authority is the client's `Host` (HTTP/2
     /// has no separate Host header; GoDoxy's origin must see the route's host), while the
     /// connector always dials the target.
     H2c(Client<H2cConnector, Incoming>),
 }
 
-/// Dials one h2c origin whatever the request URI names.
+/// Dials one h2c origin whatever the request URI names, through the policy like every dial.
 #[derive(Clone)]
 struct H2cConnector {
-    target: Arc<str>,
+    /// `http://TARGET/`.
+    target: Uri,
+    inner: PolicyConnector,
 }
 
 impl tower_service::Service<Uri> for H2cConnector {
-    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+    type Response = <PolicyConnector as tower_service::Service<Uri>>::Response;
+    type Error = <PolicyConnector as tower_service::Service<Uri>>::Error;
+    type Future = <PolicyConnector as tower_service::Service<Uri>>::Future;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower_service::Service::poll_ready(&mut self.inner, cx)
     }
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
-        let target = self.target.clone();
-        Box::pin(async move {
-            let stream = tokio::net::TcpStream::connect(&*target).await?;
-            let _ = stream.set_nodelay(true);
-            Ok(hyper_util::rt::TokioIo::new(stream))
-        })
+        tower_service::Service::call(&mut self.inner, self.target.clone())
     }
 }
 
@@ -217,17 +214,28 @@ impl OriginClient {
 struct Cache {
     /// Keyed by the scheme family, the h2c target (h2c clients are per target) and the
     /// route's settings.
-    entries: HashMap<(Scheme, Option<String>, RouteConfig), (Arc<Origin>, u64)>,
+    entries: HashMap<CacheKey, (Arc<Origin>, u64)>,
     clock: u64,
 }
 
+/// The scheme family, the h2c target and the route's settings.
+type CacheKey = (Scheme, Option<String>, RouteConfig);
+
 /// The HTTP route relay.
-#[derive(Default)]
 pub(crate) struct Proxy {
     cache: Mutex<Cache>,
+    /// Which origins may be dialed.
+    policy: Arc<Policy>,
 }
 
 impl Proxy {
+    pub(crate) fn new(policy: Arc<Policy>) -> Self {
+        Self {
+            cache: Mutex::default(),
+            policy,
+        }
+    }
+
     /// Relays one request under [`PREFIX`].
     pub(super) async fn handle(&self, mut req: Request<Incoming>) -> Response {
         let started = Instant::now();
@@ -309,6 +317,16 @@ impl Proxy {
         {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => {
+                if let Some(denial) = denial_in(&err) {
+                    // The client's subject is on the connection's span.
+                    warn!(%method, target = %log_target, "proxy request denied by policy: {denial}");
+                    return text(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "403 Forbidden: destination denied by the agent's policy: {denial}"
+                        ),
+                    );
+                }
                 let reason = error_chain(&err);
                 warn!(%method, target = %log_target, elapsed = ?started.elapsed(), "origin unreachable: {reason}");
                 return bad_gateway(&reason, accepts_html);
@@ -367,7 +385,7 @@ impl Proxy {
             *used = now;
             return Ok(origin.clone());
         }
-        let origin = Arc::new(build_origin(target)?);
+        let origin = Arc::new(build_origin(target, &self.policy)?);
         if cache.entries.len() >= MAX_CLIENTS
             && let Some(oldest) = cache
                 .entries
@@ -382,7 +400,7 @@ impl Proxy {
     }
 }
 
-fn build_origin(target: &Target) -> Result<Origin, String> {
+fn build_origin(target: &Target, policy: &Arc<Policy>) -> Result<Origin, String> {
     let config = &target.config;
     let response_header_timeout = match config.response_header_timeout {
         ns if ns > 0 => Duration::from_nanos(ns.unsigned_abs()),
@@ -392,16 +410,18 @@ fn build_origin(target: &Target) -> Result<Origin, String> {
         .ok()
         .filter(|&n| n > 0)
         .map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS))));
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.enforce_http(false);
+    let http = PolicyConnector::new(policy.clone());
     let client = if target.scheme == Scheme::H2c {
+        let origin = format!("http://{}/", target.host)
+            .parse::<Uri>()
+            .map_err(|e| format!("h2c target {:?}: {e}", target.host))?;
         OriginClient::H2c(
             Client::builder(TokioExecutor::new())
                 .http2_only(true)
                 .pool_idle_timeout(POOL_IDLE)
                 .build(H2cConnector {
-                    target: Arc::from(target.host.as_str()),
+                    target: origin,
+                    inner: http,
                 }),
         )
     } else {

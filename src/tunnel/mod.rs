@@ -8,6 +8,7 @@ pub(crate) mod udp;
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::field::display;
 use tracing::{info, warn};
 
+use crate::policy::{Denial, Policy, Refused};
 use crate::protocol::{Destination, DestinationError, HEADER_LEN, HeaderError, TunnelHeader};
 use crate::stats::Stats;
 
@@ -31,6 +33,8 @@ pub(crate) struct Timeouts {
 /// dialing; `stop` ends the relay at once (the daemon fires it when the grace period is over).
 pub(crate) struct Context<'a> {
     pub timeouts: Timeouts,
+    /// Which destinations may be dialed.
+    pub policy: &'a Policy,
     pub stats: &'a Stats,
     pub shutdown: &'a CancellationToken,
     pub stop: &'a CancellationToken,
@@ -45,8 +49,9 @@ pub(crate) trait Link {
 
     /// Receives exactly the header (the pipeline bounds it with the header timeout).
     async fn read_header(&mut self) -> Result<[u8; HEADER_LEN], End>;
-    /// Connects to a destination that passed every check.
-    async fn dial(&mut self, destination: &Destination) -> io::Result<Self::Upstream>;
+    /// Connects to the addresses the policy allowed, in order, resolving nothing again: the
+    /// address checked is the address dialed.
+    async fn dial(&mut self, addrs: &[SocketAddr]) -> io::Result<Self::Upstream>;
     /// Relays until the tunnel ends, counting into `counts`.
     async fn relay(
         &mut self,
@@ -72,6 +77,8 @@ pub(crate) enum End {
     InvalidHeader(HeaderError),
     /// The header named a destination our rule refuses.
     Rejected(DestinationError),
+    /// The policy refused the destination (every address it resolved to): nothing was dialed.
+    Denied(Denial),
     /// No complete header within the header timeout.
     HeaderTimeout,
     /// Resolving or connecting to the destination failed.
@@ -94,6 +101,7 @@ impl End {
             Self::Probe => "probe",
             Self::InvalidHeader(_) => "invalid_header",
             Self::Rejected(_) => "rejected",
+            Self::Denied(_) => "denied",
             Self::HeaderTimeout => "header_timeout",
             Self::DialFailed(_) => "dial_failed",
             Self::DialTimeout => "dial_timeout",
@@ -108,6 +116,7 @@ impl End {
         match self {
             Self::InvalidHeader(e) => Some(Detail::Header(e)),
             Self::Rejected(e) => Some(Detail::Destination(e)),
+            Self::Denied(d) => Some(Detail::Denied(d)),
             Self::DialFailed(e) | Self::Io(e) => Some(Detail::Io(e)),
             _ => None,
         }
@@ -127,6 +136,7 @@ impl End {
 enum Detail<'a> {
     Header(&'a HeaderError),
     Destination(&'a DestinationError),
+    Denied(&'a Denial),
     Io(&'a io::Error),
 }
 
@@ -135,6 +145,7 @@ impl fmt::Display for Detail<'_> {
         match self {
             Self::Header(e) => write!(f, "{} check: {e}", e.check()),
             Self::Destination(e) => write!(f, "destination refused: {e}"),
+            Self::Denied(d) => write!(f, "denied by policy: {d}"),
             Self::Io(e) => write!(f, "{e}"),
         }
     }
@@ -188,7 +199,7 @@ pub(crate) async fn serve<L: Link>(link: &mut L, cx: &Context<'_>) -> Report {
     report
 }
 
-/// Header, probe, destination rule, dial: the only way to a connected destination.
+/// Header, probe, destination rule, policy, dial: the only way to a connected destination.
 async fn open<L: Link>(
     link: &mut L,
     cx: &Context<'_>,
@@ -204,12 +215,22 @@ async fn open<L: Link>(
     }
     let checked = header.destination().map_err(End::Rejected)?;
     let checked = destination.insert(checked);
-    Stats::bump(&cx.stats.dials);
+    // Resolve once, judge every address, dial only the allowed ones: a denied destination is
+    // refused before any packet leaves for it. The dial timeout covers resolving too.
+    let dial = async {
+        let addrs = cx
+            .policy
+            .resolve(&checked.host, checked.port.get())
+            .await
+            .map_err(|refused| match refused {
+                Refused::Denied(denial) => End::Denied(denial),
+                Refused::Resolve(err) => End::DialFailed(err),
+            })?;
+        Stats::bump(&cx.stats.dials);
+        link.dial(&addrs).await.map_err(End::DialFailed)
+    };
     tokio::select! {
-        r = timeout(cx.timeouts.dial, link.dial(checked)) => match r {
-            Err(_) => Err(End::DialTimeout),
-            Ok(r) => r.map_err(End::DialFailed),
-        },
+        r = timeout(cx.timeouts.dial, dial) => r.unwrap_or(Err(End::DialTimeout)),
         () = cx.shutdown.cancelled() => Err(End::Shutdown),
     }
 }

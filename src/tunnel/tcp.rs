@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::relay::Relay;
 use super::{Counts, End, Link};
-use crate::protocol::{Destination, HEADER_LEN, HeaderError, Host};
+use crate::protocol::{HEADER_LEN, HeaderError};
 use crate::stats::Stats;
 
 /// The `transport` field of TCP tunnels.
@@ -48,8 +48,9 @@ where
         }
     }
 
-    async fn dial(&mut self, destination: &Destination) -> io::Result<TcpStream> {
-        let upstream = dial(destination).await?;
+    async fn dial(&mut self, addrs: &[SocketAddr]) -> io::Result<TcpStream> {
+        // Each address in turn, IPv4 and IPv6 alike; a slice is never resolved.
+        let upstream = TcpStream::connect(addrs).await?;
         Stats::bump(&self.stats.tcp_tunnels);
         tune(&upstream);
         Ok(upstream)
@@ -75,16 +76,6 @@ where
             Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => End::Eof,
             Some(Err(e)) => End::Io(e),
         }
-    }
-}
-
-/// Connects to a checked destination: IP literals directly, names through the resolver
-/// (every address it returns is tried in turn, IPv4 and IPv6 alike).
-async fn dial(destination: &Destination) -> io::Result<TcpStream> {
-    let port = destination.port.get();
-    match &destination.host {
-        Host::Ip(ip) => TcpStream::connect(SocketAddr::new(*ip, port)).await,
-        Host::Name(name) => TcpStream::connect((name.as_str(), port)).await,
     }
 }
 

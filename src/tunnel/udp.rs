@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use webrtc_dtls::conn::DTLSConn;
 
 use super::{Counts, End, Link};
-use crate::protocol::{DTLS_READ_BUF, Destination, HEADER_LEN, HeaderError, Host, MAX_PAYLOAD};
+use crate::protocol::{DTLS_READ_BUF, HEADER_LEN, HeaderError, MAX_PAYLOAD};
 use crate::stats::Stats;
 
 /// The `transport` field of UDP tunnels.
@@ -56,8 +56,8 @@ impl Link for UdpLink<'_> {
             .map_err(|_| End::InvalidHeader(HeaderError::Short))
     }
 
-    async fn dial(&mut self, destination: &Destination) -> io::Result<UdpSocket> {
-        connect(destination).await
+    async fn dial(&mut self, addrs: &[SocketAddr]) -> io::Result<UdpSocket> {
+        connect(addrs).await
     }
 
     /// Datagrams both ways until the client closes, the session idles out, or `stop`. The
@@ -145,16 +145,12 @@ fn read_error(err: webrtc_dtls::Error) -> End {
     }
 }
 
-/// A UDP socket connected to the destination (names resolved, first address used).
-async fn connect(destination: &Destination) -> io::Result<UdpSocket> {
-    let port = destination.port.get();
-    let addr = match &destination.host {
-        Host::Ip(ip) => SocketAddr::new(*ip, port),
-        Host::Name(name) => tokio::net::lookup_host((name.as_str(), port))
-            .await?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "name resolved to nothing"))?,
-    };
+/// A UDP socket connected to the first allowed address (a datagram has no handshake that
+/// would tell a dead address from a live one).
+async fn connect(addrs: &[SocketAddr]) -> io::Result<UdpSocket> {
+    let addr = *addrs
+        .first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address to dial"))?;
     let local: SocketAddr = if addr.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {

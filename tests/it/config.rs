@@ -613,6 +613,10 @@ fn example_values_equal_the_defaults() {
         format!("{:?}", example.metrics),
         format!("{:?}", defaults.metrics)
     );
+    assert_eq!(
+        format!("{:?}", example.policy),
+        format!("{:?}", defaults.policy)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ mod header;
 mod health;
 mod http_api;
 mod mtls;
+mod policy;
 mod proxy;
 mod setup;
 mod shutdown;
