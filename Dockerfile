@@ -28,7 +28,8 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin godoxy-agent \
- && install -m 0755 target/release/godoxy-agent /godoxy-agent
+ && install -m 0755 target/release/godoxy-agent /godoxy-agent \
+ && install -d -m 0700 /state
 
 # ---- final: nothing but the binary -------------------------------------------------------
 FROM scratch
@@ -42,6 +43,9 @@ LABEL org.opencontainers.image.title="godoxy-agent" \
 LABEL proxy.exclude="1" \
       "proxy.#1.healthcheck.disable"="true"
 COPY --from=builder --chmod=0755 /godoxy-agent /godoxy-agent
+# The metrics history's folder, owned by the user the agent runs as: a named volume mounted
+# here starts with this owner, so the agent can write its history without root.
+COPY --from=builder --chown=65532:65532 /state /var/lib/godoxy-agent
 # GoDoxy's agent port: TLS (tunnels + HTTP API) on TCP, DTLS (UDP tunnels) on UDP.
 EXPOSE 8890/tcp 8890/udp
 # Unprivileged; the image has no /etc/passwd, so the id is numeric.

@@ -115,6 +115,7 @@ HAS_HEALTH=0
 step "image (final stage FROM scratch, builder stage replaced by a local folder)"
 mkdir -p "$WORK/ctx"
 cp "$BIN" "$WORK/ctx/godoxy-agent"
+install -d -m 0700 "$WORK/ctx/state"
 # --format docker: the OCI image format has no HEALTHCHECK. --layers=false: no cached
 # intermediate images left behind.
 if "${PODMAN[@]}" build --format docker --layers=false --build-context builder="$WORK/ctx" \
