@@ -11,6 +11,10 @@ use crate::record_layer::record_layer_header::*;
 
 // 2 mb max buffer size
 const FRAGMENT_BUFFER_MAX_SIZE: usize = 2_000_000;
+// godoxy-agent patch: the size above counts fragment bytes, so one-byte fragments could pile
+// up by the million, and `append_message` recurses once per fragment of a chain (a stack
+// overflow) and scans them all at each level. Real handshakes have a few dozen.
+const FRAGMENT_BUFFER_MAX_FRAGMENTS: usize = 1024;
 
 pub(crate) struct Fragment {
     record_layer_header: RecordLayerHeader,
@@ -57,6 +61,13 @@ impl FragmentBuffer {
         while !buf.is_empty() {
             let mut reader = Cursor::new(buf);
             let handshake_header = HandshakeHeader::unmarshal(&mut reader)?;
+
+            if self.cache.values().map(Vec::len).sum::<usize>() >= FRAGMENT_BUFFER_MAX_FRAGMENTS {
+                return Err(Error::ErrFragmentBufferOverflow {
+                    new_size: current_size + buf.len(),
+                    max_size: FRAGMENT_BUFFER_MAX_SIZE,
+                });
+            }
 
             self.cache
                 .entry(handshake_header.message_sequence)

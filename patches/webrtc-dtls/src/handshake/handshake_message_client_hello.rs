@@ -166,6 +166,11 @@ impl HandshakeMessageClientHello {
 
         let mut offset = 0;
         while offset < extension_buffer_len {
+            // godoxy-agent patch: a block ending in a partial extension header was indexed
+            // past its end below.
+            if extension_buffer_len - offset < 4 {
+                return Err(Error::ErrBufferTooSmall);
+            }
             let mut extension_reader = BufReader::new(&extension_buffer[offset..]);
             if let Ok(extension) = Extension::unmarshal(&mut extension_reader) {
                 extensions.push(extension);

@@ -48,6 +48,11 @@ impl HandshakeMessageClientKeyExchange {
         let mut data = vec![];
         reader.read_to_end(&mut data)?;
 
+        // godoxy-agent patch: the first two bytes were read unconditionally.
+        if data.len() < 2 {
+            return Err(Error::ErrBufferTooSmall);
+        }
+
         // If parsed as PSK return early and only populate PSK Identity Hint
         let psk_length = ((data[0] as u16) << 8) | data[1] as u16;
         if data.len() == psk_length as usize + 2 {
