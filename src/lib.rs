@@ -49,3 +49,47 @@ mod tunnel;
 pub use config::Config;
 pub use daemon::Daemon;
 pub use stats::Stats;
+
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`, enabled by nothing else):
+/// the parsers that read what a peer sends, and the DTLS server configuration the agent uses.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject as _;
+
+    /// The agent's DTLS server configuration with a fresh certificate set, as `run` builds it
+    /// (client certificates required).
+    pub fn dtls_server_config() -> anyhow::Result<webrtc_dtls::config::Config> {
+        let set = crate::certs::CertSet::generate()?;
+        let material = crate::tls::TlsMaterial {
+            ca: crate::tls::parse_certs(set.ca_cert.as_bytes())?,
+            chain: crate::tls::parse_certs(set.server_cert.as_bytes())?,
+            key: PrivateKeyDer::from_pem_slice(set.server_key.as_bytes())
+                .map_err(|e| anyhow::anyhow!("server key: {e}"))?,
+        };
+        crate::dtls::server_config(&material, true)
+    }
+
+    /// The datagrams of one peer that the demultiplexer hands to webrtc-dtls before the
+    /// handshake has completed, in order: the first must open a session (a well-formed
+    /// ClientHello), the rest must pass the pre-authentication check and its cap on encrypted
+    /// records. Returns the admitted datagrams and the refusal names of the others.
+    pub fn dtls_preauth(datagrams: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<&'static str>) {
+        let mut admitted = Vec::new();
+        let mut refused = Vec::new();
+        let mut ciphertext = 0;
+        for datagram in datagrams {
+            let mut count = ciphertext;
+            match crate::dtls::admit(datagram, &mut count) {
+                Ok(a) if admitted.is_empty() && !a.client_hello => refused.push("unsolicited"),
+                Ok(_) => {
+                    ciphertext = count;
+                    admitted.push(datagram.clone());
+                }
+                Err(reason) => refused.push(reason.name()),
+            }
+        }
+        (admitted, refused)
+    }
+}

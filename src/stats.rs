@@ -31,6 +31,11 @@ pub struct Stats {
     pub udp_queue_drops: AtomicU64,
     /// Datagrams from destinations too large for one DTLS record (> 8155 bytes), dropped.
     pub udp_oversize_drops: AtomicU64,
+    /// Datagrams from peers not yet authenticated that failed the pre-authentication check
+    /// (or exceeded its cap on encrypted records), dropped before webrtc-dtls saw them.
+    pub udp_preauth_drops: AtomicU64,
+    /// Gauge: panics inside webrtc-dtls caught in this process (updated every 10 s).
+    pub dtls_panics: AtomicU64,
 }
 
 impl Stats {

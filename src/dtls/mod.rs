@@ -5,14 +5,21 @@
 //! `conn_udp_listener` never forgets a closed peer. Here a table keyed by peer address gives each
 //! peer a bounded queue; only a ClientHello may open an entry; the entry leaves the table when
 //! its session ends; handshakes run in their own tasks under a timeout and a cap.
+//!
+//! Until a peer's handshake has completed, each of its datagrams must pass `preauth::check`
+//! (webrtc-dtls's parsers are not safe on malformed input); what fails is dropped and counted,
+//! and `report` turns the drops and failed handshakes into one line per interval.
 
 mod peer;
+pub(crate) mod preauth;
+mod report;
 mod session;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -20,13 +27,15 @@ use bytes::Bytes;
 use rustls::RootCertStore;
 use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, mpsc};
-use tokio::time::sleep;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, field, info_span, warn};
 use webrtc_dtls::config::{ClientAuthType, Config as DtlsConfig, ExtendedMasterSecretType};
 
 use self::peer::PeerConn;
+use self::preauth::Refusal;
+use self::report::Tally;
 use crate::policy::Policy;
 use crate::protocol::DTLS_CIPHER_SUITE;
 use crate::stats::Stats;
@@ -39,11 +48,11 @@ pub(crate) const SOCKET_RCVBUF: usize = 4 << 20;
 const PEER_QUEUE: usize = 128;
 /// Largest datagram the socket reads.
 const MAX_DATAGRAM: usize = 65_535;
-/// DTLS record content type of handshake messages, and the ClientHello message type.
-const CONTENT_HANDSHAKE: u8 = 22;
-const HANDSHAKE_CLIENT_HELLO: u8 = 1;
-/// Offset of the handshake message type in a DTLS record (after the 13-byte record header).
-const RECORD_HEADER_LEN: usize = 13;
+/// Encrypted records a peer may send before its handshake has completed. A client sends one
+/// Finished per (re)transmission of its last flight, and perhaps its first records of data
+/// before the session task has marked it authenticated; webrtc-dtls queues all of them
+/// without limit until it has keys, so they are capped here.
+const MAX_PREAUTH_CIPHERTEXT: usize = 32;
 
 /// Limits and timeouts of the UDP side.
 #[derive(Debug, Clone, Copy)]
@@ -117,16 +126,27 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, usize)> {
     Ok((socket, granted))
 }
 
-/// Whether a datagram starts with a DTLS handshake record carrying a ClientHello: the only
-/// thing that may create state for an unknown peer.
-fn is_client_hello(datagram: &[u8]) -> bool {
-    datagram.first() == Some(&CONTENT_HANDSHAKE)
-        && datagram.get(RECORD_HEADER_LEN) == Some(&HANDSHAKE_CLIENT_HELLO)
+/// The check of a datagram from a peer whose handshake has not completed: `preauth::check`,
+/// and the cap on encrypted records, `ciphertext` being the running count of those admitted
+/// from that peer so far.
+pub(crate) fn admit(datagram: &[u8], ciphertext: &mut usize) -> Result<preauth::Admitted, Refusal> {
+    let admitted = preauth::check(datagram)?;
+    let total = *ciphertext + admitted.ciphertext_records;
+    if total > MAX_PREAUTH_CIPHERTEXT {
+        return Err(Refusal::CiphertextFlood);
+    }
+    *ciphertext = total;
+    Ok(admitted)
 }
 
 struct Entry {
     id: u64,
     tx: mpsc::Sender<Bytes>,
+    /// Set by the session once its handshake has completed: from then on its datagrams go to
+    /// webrtc-dtls unchecked.
+    authenticated: Arc<AtomicBool>,
+    /// Encrypted records admitted before that.
+    ciphertext: usize,
 }
 
 /// The demultiplexer. Runs until `hard_stop`, or until `shutdown` once the last session ended
@@ -139,6 +159,17 @@ pub(crate) async fn run(
     hard_stop: CancellationToken,
 ) {
     let stats = shared.stats.clone();
+    report::install_panic_hook();
+    let tally = Arc::new(Tally::default());
+    let refuse = |peer: SocketAddr, reason: Refusal| {
+        Stats::bump(&stats.udp_preauth_drops);
+        tally.refused(peer.ip(), reason);
+    };
+    let mut report_tick = interval_at(
+        Instant::now() + report::REPORT_INTERVAL,
+        report::REPORT_INTERVAL,
+    );
+    report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let handshakes = Arc::new(Semaphore::new(shared.limits.max_handshakes));
     let mut peers: HashMap<SocketAddr, Entry> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
@@ -155,6 +186,10 @@ pub(crate) async fn run(
             () = shutdown.cancelled(), if accepting => {
                 accepting = false;
                 continue;
+            }
+            _ = report_tick.tick() => {
+                tally.report();
+                Stats::set(&stats.dtls_panics, report::dtls_panics());
             }
             Some((peer, id)) = done_rx.recv() => {
                 // The peer may already have a newer entry: remove only the one that ended.
@@ -177,7 +212,13 @@ pub(crate) async fn run(
                 // each, next to ~20 µs of DTLS work. Slicing a shared pool instead would let
                 // one datagram held in a slow peer's queue pin a whole pool block.
                 let datagram = &buf[..n];
-                if let Some(entry) = peers.get(&peer) {
+                if let Some(entry) = peers.get_mut(&peer) {
+                    if !entry.authenticated.load(Ordering::Acquire)
+                        && let Err(reason) = admit(datagram, &mut entry.ciphertext)
+                    {
+                        refuse(peer, reason);
+                        continue;
+                    }
                     match entry.tx.try_send(Bytes::copy_from_slice(datagram)) {
                         Ok(()) => continue,
                         Err(mpsc::error::TrySendError::Full(_)) => {
@@ -191,9 +232,23 @@ pub(crate) async fn run(
                         }
                     }
                 }
-                if !accepting || !is_client_hello(datagram) {
+                if !accepting {
                     Stats::bump(&stats.udp_unsolicited);
                     continue;
+                }
+                // Only a well-formed ClientHello may create state. Anything else well formed
+                // (a closed session's late records) is merely unsolicited.
+                let mut ciphertext = 0;
+                match admit(datagram, &mut ciphertext) {
+                    Ok(admitted) if admitted.client_hello => {}
+                    Ok(_) => {
+                        Stats::bump(&stats.udp_unsolicited);
+                        continue;
+                    }
+                    Err(reason) => {
+                        refuse(peer, reason);
+                        continue;
+                    }
                 }
                 if peers.len() >= shared.limits.max_sessions {
                     Stats::bump(&stats.udp_refused_sessions);
@@ -215,18 +270,29 @@ pub(crate) async fn run(
                 if tx.try_send(Bytes::copy_from_slice(datagram)).is_err() {
                     continue; // a fresh queue has room: unreachable
                 }
-                peers.insert(peer, Entry { id: next_id, tx });
+                let authenticated = Arc::new(AtomicBool::new(false));
+                peers.insert(
+                    peer,
+                    Entry {
+                        id: next_id,
+                        tx,
+                        authenticated: authenticated.clone(),
+                        ciphertext,
+                    },
+                );
                 Stats::set(&stats.udp_table, peers.len() as u64);
                 let conn = Arc::new(PeerConn::new(socket.clone(), peer, rx));
                 let id = next_id;
                 let done = done_tx.clone();
                 let shared = shared.clone();
+                let tally = tally.clone();
                 let soft = shutdown.clone();
                 let stop = hard_stop.clone();
                 let span = info_span!("udp", %peer, subject = field::Empty);
                 tasks.spawn(
                     async move {
-                        session::run(conn, shared, permit, soft, stop).await;
+                        let handshake = session::Handshake { permit, authenticated, tally };
+                        session::run(conn, shared, handshake, soft, stop).await;
                         let _ = done.send((peer, id));
                     }
                     .instrument(span),
@@ -234,22 +300,6 @@ pub(crate) async fn run(
             }
         }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_client_hello_opens_an_entry() {
-        let mut hello = [0u8; 25];
-        hello[0] = 22;
-        hello[13] = 1;
-        assert!(is_client_hello(&hello));
-        hello[13] = 2;
-        assert!(!is_client_hello(&hello));
-        assert!(!is_client_hello(&[23; 40]));
-        assert!(!is_client_hello(&[22; 5]));
-        assert!(!is_client_hello(&[]));
-    }
+    // What the last interval saw, before the daemon's closing lines.
+    tally.report();
 }

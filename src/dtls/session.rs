@@ -2,19 +2,20 @@
 //! close_notify and the closing line.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::debug;
 use webrtc_dtls::conn::DTLSConn;
 use webrtc_util::Conn;
 
 use super::UdpShared;
 use super::peer::PeerConn;
+use super::report::{Failure, Tally};
 use crate::stats::Stats;
 use crate::tunnel::{self, udp::UdpLink};
 
@@ -37,17 +38,32 @@ impl Drop for SessionGauge<'_> {
     }
 }
 
-/// Runs one peer's session to its end and logs it. `permit` is a handshake slot, released as
-/// soon as the handshake ends.
+/// What the handshake phase of a session holds.
+pub(super) struct Handshake {
+    /// A handshake slot, released as soon as the handshake ends.
+    pub(super) permit: OwnedSemaphorePermit,
+    /// Set once the handshake has completed: the demultiplexer stops checking datagrams.
+    pub(super) authenticated: Arc<AtomicBool>,
+    /// Where a failed handshake is counted (a stranger's failures are not logged one by one).
+    pub(super) tally: Arc<Tally>,
+}
+
+/// Runs one peer's session to its end and logs it.
 pub(super) async fn run(
     conn: Arc<PeerConn>,
     shared: Arc<UdpShared>,
-    permit: OwnedSemaphorePermit,
+    handshake: Handshake,
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) {
     let limits = shared.limits;
     let stats = &shared.stats;
+    let Handshake {
+        permit,
+        authenticated,
+        tally,
+    } = handshake;
+    let peer = conn.remote_addr();
     let transport: Arc<dyn Conn + Send + Sync> = conn;
     let handshake = tokio::select! {
         r = timeout(limits.handshake_timeout, DTLSConn::new(transport, shared.dtls.clone(), false, None)) => r,
@@ -55,19 +71,30 @@ pub(super) async fn run(
         () = shutdown.cancelled() => return,
     };
     drop(permit);
-    let dtls = match handshake {
-        Ok(Ok(dtls)) => dtls,
+    // A failed handshake comes from a peer that never authenticated: counted into the
+    // aggregate line (by reason and source), and only at debug level one by one.
+    let failure = match handshake {
+        Ok(Ok(dtls)) => Ok(dtls),
         Ok(Err(err)) => {
-            Stats::bump(&stats.udp_handshake_failures);
-            warn!("DTLS handshake failed: {err}");
-            return;
+            debug!("DTLS handshake failed: {err}");
+            Err(Failure::of(&err))
         }
         Err(_) => {
+            debug!(timeout = ?limits.handshake_timeout, "DTLS handshake timed out");
+            Err(Failure::Timeout)
+        }
+    };
+    let dtls = match failure {
+        Ok(dtls) => dtls,
+        Err(reason) => {
             Stats::bump(&stats.udp_handshake_failures);
-            warn!(timeout = ?limits.handshake_timeout, "DTLS handshake timed out");
+            if let Some(peer) = peer {
+                tally.failed(peer.ip(), reason);
+            }
             return;
         }
     };
+    authenticated.store(true, Ordering::Release);
     Stats::bump(&stats.udp_handshakes);
     let _gauge = SessionGauge::new(stats);
     let subject = dtls
