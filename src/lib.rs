@@ -92,4 +92,39 @@ pub mod fuzzing {
         }
         (admitted, refused)
     }
+
+    /// `/godoxy/agent/proxy/http`'s target from request headers given as raw name and value
+    /// bytes (pairs that are not valid HTTP header names or values are left out, as hyper
+    /// would never deliver them): the target's Debug form, or the 400 body.
+    pub fn http_proxy_target(headers: &[(&[u8], &[u8])]) -> Result<String, String> {
+        let mut map = hyper::HeaderMap::new();
+        for (name, value) in headers {
+            if let (Ok(name), Ok(value)) = (
+                hyper::header::HeaderName::from_bytes(name),
+                hyper::header::HeaderValue::from_bytes(value),
+            ) {
+                map.append(name, value);
+            }
+        }
+        crate::http::fuzzing::proxy_target(&map)
+    }
+
+    /// Whether `docker.access` (0 off, 1 godoxy, 2 read-only, else full) lets `method path`
+    /// through to the Docker socket.
+    pub fn http_docker_allows(access: u8, method: &str, path: &str) -> bool {
+        use crate::config::DockerAccess;
+        let access = match access % 4 {
+            0 => DockerAccess::Off,
+            1 => DockerAccess::Godoxy,
+            2 => DockerAccess::ReadOnly,
+            _ => DockerAccess::Full,
+        };
+        hyper::Method::from_bytes(method.as_bytes())
+            .is_ok_and(|method| crate::http::fuzzing::docker_allows(access, &method, path))
+    }
+
+    /// `/godoxy/agent/health`'s query string, parsed: the timeout it asks for.
+    pub fn http_health_timeout(query: &str) -> std::time::Duration {
+        crate::http::fuzzing::health_timeout(query)
+    }
 }

@@ -62,7 +62,7 @@ struct CheckFailed(String);
 
 /// The parsed query.
 #[derive(Default)]
-struct Query {
+pub(super) struct Query {
     scheme: String,
     host: String,
     port: String,
@@ -71,7 +71,7 @@ struct Query {
 }
 
 impl Query {
-    fn parse(query: &str) -> Self {
+    pub(super) fn parse(query: &str) -> Self {
         let mut parsed = Self::default();
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             let slot = match key.as_ref() {
@@ -90,7 +90,7 @@ impl Query {
         parsed
     }
 
-    fn timeout(&self) -> Duration {
+    pub(super) fn timeout(&self) -> Duration {
         match self.timeout.trim().parse::<u64>() {
             Ok(ms) if ms > 0 => Duration::from_millis(ms),
             _ => DEFAULT_TIMEOUT,

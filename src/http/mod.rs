@@ -32,6 +32,22 @@ pub(crate) use self::info::AgentInfo;
 pub(crate) use self::proxy::Proxy;
 use crate::metrics::Metrics;
 
+/// The request parsers the fuzz targets reach (`godoxy_agent::fuzzing`, feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing {
+    pub(crate) use super::docker::allows as docker_allows;
+
+    /// `/proxy/http`'s target from the request headers: its Debug form, or the 400 body.
+    pub(crate) fn proxy_target(headers: &hyper::HeaderMap) -> Result<String, String> {
+        super::proxy::Target::from_headers(headers).map(|target| format!("{target:?}"))
+    }
+
+    /// `/health`'s query, parsed, and the timeout it asks for.
+    pub(crate) fn health_timeout(query: &str) -> std::time::Duration {
+        super::health::Query::parse(query).timeout()
+    }
+}
+
 /// Every response body: small replies and streamed ones alike.
 type Body = BoxBody<Bytes, hyper::Error>;
 /// A response of any endpoint.

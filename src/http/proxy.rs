@@ -96,7 +96,7 @@ struct RouteConfig {
 
 /// Where a request goes.
 #[derive(Debug)]
-struct Target {
+pub(super) struct Target {
     scheme: Scheme,
     /// `host` or `host:port`.
     host: String,
@@ -106,7 +106,7 @@ struct Target {
 impl Target {
     /// From the modern headers, or the legacy ones when neither `X-Proxy-Scheme` nor
     /// `X-Proxy-Config` is present. The error is the 400 body.
-    fn from_headers(headers: &HeaderMap) -> Result<Self, String> {
+    pub(super) fn from_headers(headers: &HeaderMap) -> Result<Self, String> {
         let text = |name: &str| {
             headers
                 .get(name)
