@@ -16,7 +16,8 @@
 //!   CertificateVerify, each exactly as long as its own length fields say;
 //! - change_cipher_spec exactly `[1]`, alert exactly 2 bytes;
 //! - epoch 1 records are ciphertext (AES-128-GCM, the one suite): length bounds only, and a
-//!   handshake record there is the Finished message, whose size is fixed.
+//!   handshake record there is the Finished message, whose size is fixed (an alert may also
+//!   be the two plaintext bytes webrtc-dtls and pion send when their handshake fails).
 //!
 //! Refusing fragmented handshake messages is safe for GoDoxy: its pion client, the agent's own
 //! webrtc-dtls client and `openssl s_client` send each of these messages whole (they fragment
@@ -256,7 +257,9 @@ fn check_plaintext(content_type: u8, fragment: &[u8]) -> Result<bool, Refusal> {
 fn check_ciphertext(content_type: u8, length: usize) -> Result<(), Refusal> {
     let fits = match content_type {
         CONTENT_HANDSHAKE => length == FINISHED_CIPHERTEXT,
-        CONTENT_ALERT => length == ALERT_CIPHERTEXT,
+        // webrtc-dtls and pion send an alert unencrypted, in the epoch they are in, when the
+        // handshake fails after their ChangeCipherSpec.
+        CONTENT_ALERT => length == ALERT_CIPHERTEXT || length == 2,
         CONTENT_APPLICATION_DATA => length >= GCM_OVERHEAD,
         _ => return Err(Refusal::ContentType),
     };
@@ -571,6 +574,7 @@ mod tests {
     fn ciphertext_has_only_length_bounds() {
         assert!(check(&record(23, 1, &[0; GCM_OVERHEAD])).is_ok());
         assert!(check(&record(21, 1, &[0; ALERT_CIPHERTEXT])).is_ok());
+        assert!(check(&record(21, 1, &[2, 42])).is_ok());
         assert_eq!(
             check(&record(23, 1, &[0; 23])),
             Err(Refusal::CiphertextLength)

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::panic::{self, PanicHookInfo};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, Once, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{error, warn};
 
@@ -92,13 +92,26 @@ pub(crate) struct Tally {
     inner: Mutex<Counts>,
 }
 
-#[derive(Default)]
 struct Counts {
+    /// When this interval began.
+    since: Instant,
     refused: [u64; Refusal::ALL.len()],
     failed: [u64; Failure::ALL.len()],
     sources: HashMap<IpAddr, u64>,
     /// Events from sources beyond `MAX_SOURCES`.
     unnamed: u64,
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Self {
+            since: Instant::now(),
+            refused: [0; Refusal::ALL.len()],
+            failed: [0; Failure::ALL.len()],
+            sources: HashMap::new(),
+            unnamed: 0,
+        }
+    }
 }
 
 impl Counts {
@@ -158,7 +171,7 @@ impl Tally {
             .collect::<Vec<_>>()
             .join(",");
         warn!(
-            interval = ?REPORT_INTERVAL,
+            seconds = counts.since.elapsed().as_secs(),
             dropped,
             reasons,
             handshake_failures = failed,

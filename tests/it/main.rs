@@ -18,6 +18,7 @@ mod health;
 mod http_api;
 mod mtls;
 mod policy;
+mod preauth;
 mod proxy;
 mod setup;
 mod shutdown;
