@@ -90,6 +90,8 @@ impl Failure {
 #[derive(Default)]
 pub(crate) struct Tally {
     inner: Mutex<Counts>,
+    /// `dtls_panics()` at the last report.
+    panics_reported: AtomicU64,
 }
 
 struct Counts {
@@ -141,14 +143,16 @@ impl Tally {
         counts.source(ip);
     }
 
-    /// Writes the line for the interval that ends now, if anything happened, and starts a new
-    /// one.
+    /// Writes the line for the interval that ends now, if anything happened (a drop, a failed
+    /// handshake, a panic: `panics` is the process's total), and starts a new one.
     pub(crate) fn report(&self) {
         let counts =
             std::mem::take(&mut *self.inner.lock().unwrap_or_else(PoisonError::into_inner));
         let dropped: u64 = counts.refused.iter().sum();
         let failed: u64 = counts.failed.iter().sum();
-        if dropped == 0 && failed == 0 {
+        let panics = dtls_panics();
+        let new_panics = self.panics_reported.swap(panics, Ordering::Relaxed) != panics;
+        if dropped == 0 && failed == 0 && !new_panics {
             return;
         }
         let reasons = named(
@@ -178,6 +182,7 @@ impl Tally {
             failures,
             sources = distinct,
             top,
+            panics,
             "DTLS: unauthenticated peers: datagrams dropped and handshakes failed"
         );
     }

@@ -54,6 +54,18 @@ fn datagrams(mut data: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
+/// Neither the default panic report nor the agent's own once-per-site line (`panics=N` in the
+/// aggregate line is a count, allowed).
+fn assert_no_panic(log: &str) {
+    assert!(
+        !log.contains("panicked") && !log.contains("panic in"),
+        "a panic was reported:\n{log}"
+    );
+    for line in log.lines().filter(|l| l.contains(" panics=")) {
+        assert_eq!(field(line, "panics"), "0", "{line}");
+    }
+}
+
 async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
@@ -287,7 +299,7 @@ async fn flood_of_malformed_hellos_is_dropped_quietly() {
     let logged = &agent.log[quiet_from..];
     let logged_bytes: usize = logged.iter().map(|l| l.len() + 1).sum();
     let all = agent.log.join("\n");
-    assert!(!all.contains("panic"), "a panic was reported:\n{all}");
+    assert_no_panic(&all);
     let reports: Vec<&String> = logged
         .iter()
         .filter(|l| l.contains("unauthenticated peers"))
@@ -325,6 +337,61 @@ async fn flood_of_malformed_hellos_is_dropped_quietly() {
     assert!(logged.len() < 20, "{} lines:\n{all}", logged.len());
 }
 
+/// `datagrams` records of 600 one-byte fragments of handshake message `seq`, chained (each
+/// names the next by its offset) and never complete: webrtc-dtls 0.12 reassembles such a chain
+/// by recursion, one level per fragment, each time a record arrives. 200 of these datagrams
+/// (1.6 MB) from one peer overflowed the stack of the agent before this check, aborting the
+/// process.
+fn fragment_chain(datagrams: u32, seq: u8) -> Vec<Vec<u8>> {
+    let per_datagram = 600;
+    let mut chain = Vec::new();
+    for d in 0..datagrams {
+        let sequence = (d + 10).to_be_bytes();
+        let mut record = vec![22, 254, 253, 0, 0, 0, 0];
+        record.extend_from_slice(&sequence);
+        let mut body = Vec::new();
+        for i in 0..per_datagram {
+            let offset = d * per_datagram + i;
+            // Fragment 0 claims a 2-byte message, so the chain is never complete; the others
+            // claim a 1-byte one, each pointing at the next.
+            let length: u32 = if offset == 0 { 2 } else { 1 };
+            body.push(1);
+            body.extend_from_slice(&length.to_be_bytes()[1..]);
+            body.extend_from_slice(&[0, seq]);
+            body.extend_from_slice(&offset.to_be_bytes()[1..]);
+            body.extend_from_slice(&[0, 0, 1]);
+            body.extend(std::iter::repeat_n(0, length as usize));
+        }
+        record.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+        record.extend_from_slice(&body);
+        chain.push(record);
+    }
+    chain
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragment_chain_from_a_stranger_is_dropped() {
+    let pki = TestPki::new();
+    let daemon = TestDaemon::start_udp(&pki, "").await;
+    let server = daemon.udp.unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // A real ClientHello opens a session; the chain continues its message sequence.
+    socket
+        .send_to(&real_client_hello(&pki).await, server)
+        .await
+        .unwrap();
+    for datagram in fragment_chain(200, 1) {
+        socket.send_to(&datagram, server).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    eventually(WAIT, "200 drops", || {
+        daemon.stat(|s| &s.udp_preauth_drops) == 200
+    })
+    .await;
+    echo_once(&pki, server).await;
+    daemon.stop().await;
+}
+
 /// What the check cannot see: records decrypted after a key exchange reach webrtc-dtls's
 /// handshake parsers whatever they hold. The patched parsers return errors on the crafted
 /// messages that made 0.12.0 index out of bounds.
@@ -349,27 +416,7 @@ fn patched_parsers_refuse_short_messages() {
 /// 600 fragments did with 0.12.0's unbounded buffer).
 #[test]
 fn fragment_chain_cannot_exhaust_the_stack() {
-    let per_datagram = 600;
-    let mut chain = Vec::new();
-    for d in 0..16u32 {
-        let mut record = vec![22, 254, 253, 0, 0, 0, 0, 0, 0, 0, d as u8];
-        let mut body = Vec::new();
-        for i in 0..per_datagram {
-            let offset = d * per_datagram + i;
-            // Fragment 0 claims a 2-byte message, so the chain is never complete; the others
-            // claim a 1-byte one, each pointing at the next.
-            let length: u32 = if offset == 0 { 2 } else { 1 };
-            body.push(1);
-            body.extend_from_slice(&length.to_be_bytes()[1..]);
-            body.extend_from_slice(&[0, 0]);
-            body.extend_from_slice(&offset.to_be_bytes()[1..]);
-            body.extend_from_slice(&[0, 0, 1]);
-            body.extend(std::iter::repeat_n(0, length as usize));
-        }
-        record.extend_from_slice(&(body.len() as u16).to_be_bytes());
-        record.extend_from_slice(&body);
-        chain.push(record);
-    }
+    let chain = fragment_chain(16, 0);
     let server = std::thread::Builder::new()
         .stack_size(512 << 10)
         .spawn(move || run_server(chain))
@@ -462,5 +509,279 @@ impl Conn for Feeder {
 
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
         self
+    }
+}
+
+/// The way past the check: a client that sends no certificate still gets webrtc-dtls to derive
+/// keys from its ClientKeyExchange (it refuses such a client only after its Finished), and its
+/// encrypted records are then decrypted and parsed whatever they hold, where the check sees
+/// only ciphertext. This client does that by hand and sends, encrypted, a Finished and an empty
+/// ClientKeyExchange (which made 0.12.0's parser index out of bounds). The patched agent must
+/// not panic; that the server refused it for want of a certificate (`no_client_cert`, not a
+/// timeout) shows it decrypted both records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_malformed_message_after_key_exchange_without_certificate() {
+    let pki = TestPki::new();
+    let config = pki.path("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"keyed\"\n[listen]\ntcp = \"127.0.0.1:0\"\nudp = \"127.0.0.1:0\"\n\
+             [docker]\naccess = \"off\"\n[metrics]\nenabled = false\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            pki.path("ca.pem").display(),
+            pki.path("server.pem").display(),
+            pki.path("server.key").display(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = agent();
+    cmd.arg("run").arg("--config").arg(&config);
+    let mut agent = Running::spawn(cmd);
+    let listening = agent.wait_for(&["agent listening"]).await;
+    let server: SocketAddr = field(&listening, "udp").parse().unwrap();
+
+    let mut client = keyless::Client::connect(server).await;
+    // Flight 5 without Certificate: ClientKeyExchange, ChangeCipherSpec, then in epoch 1 a
+    // Finished (message 3; webrtc-dtls does not check its verify_data) and the malformed
+    // message 4. Each plaintext is 24 bytes, a Finished's size, as the check requires.
+    let finished = keyless::message(20, 3, &[0x5a; 12]);
+    let mut empty_key_exchange = keyless::message(16, 4, &[]);
+    empty_key_exchange.extend_from_slice(&keyless::message(0, 100, &[]));
+    client
+        .send_flight_five(&[&finished, &empty_key_exchange])
+        .await;
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = agent.child.id().unwrap().to_string();
+    let kill = Command::new("kill")
+        .arg("-TERM")
+        .arg(&pid)
+        .output()
+        .await
+        .unwrap();
+    assert!(kill.status.success());
+    agent.wait_for(&["shutdown complete"]).await;
+    let all = agent.log.join("\n");
+    assert_no_panic(&all);
+    let report = agent
+        .log
+        .iter()
+        .find(|l| l.contains("unauthenticated peers"))
+        .unwrap_or_else(|| panic!("no aggregate line:\n{all}"));
+    assert!(report.contains("no_client_cert=1"), "{report}");
+    assert_eq!(field(report, "dropped"), "0", "{report}");
+}
+
+/// A DTLS 1.2 client written out by hand (ring for the arithmetic), just far enough to hold
+/// the keys of a session the server has not authenticated.
+mod keyless {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use ring::{aead, agreement, digest, hmac, rand::SecureRandom as _};
+    use tokio::net::UdpSocket;
+
+    const DTLS_1_2: [u8; 2] = [254, 253];
+
+    pub struct Client {
+        socket: UdpSocket,
+        server: SocketAddr,
+        /// The handshake messages hashed for the Extended Master Secret, in order.
+        transcript: Vec<u8>,
+        client_random: [u8; 32],
+        server_random: Vec<u8>,
+        server_key: Vec<u8>,
+    }
+
+    /// A whole handshake message.
+    pub fn message(msg_type: u8, seq: u16, body: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(body.len()).unwrap().to_be_bytes();
+        let mut out = vec![msg_type, len[1], len[2], len[3]];
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(&[0, 0, 0, len[1], len[2], len[3]]);
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn record(content_type: u8, epoch: u16, seq: u64, fragment: &[u8]) -> Vec<u8> {
+        let mut out = vec![content_type, DTLS_1_2[0], DTLS_1_2[1]];
+        out.extend_from_slice(&epoch.to_be_bytes());
+        out.extend_from_slice(&seq.to_be_bytes()[2..]);
+        out.extend_from_slice(&u16::try_from(fragment.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(fragment);
+        out
+    }
+
+    /// The handshake messages (type, whole message) in a datagram's epoch 0 handshake records.
+    fn messages(datagram: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut rest = datagram;
+        while rest.len() >= 13 {
+            let len = usize::from(u16::from_be_bytes([rest[11], rest[12]]));
+            let (rec, after) = rest.split_at(13 + len);
+            if rec[0] == 22 && rec[3..5] == [0, 0] {
+                let mut body = &rec[13..];
+                while body.len() >= 12 {
+                    let n = (usize::from(body[1]) << 16)
+                        | (usize::from(body[2]) << 8)
+                        | usize::from(body[3]);
+                    assert_eq!(body[9..12], body[1..4], "the server fragmented a message");
+                    out.push((body[0], body[..12 + n].to_vec()));
+                    body = &body[12 + n..];
+                }
+            }
+            rest = after;
+        }
+        out
+    }
+
+    fn client_hello(random: &[u8; 32], cookie: &[u8], seq: u16) -> Vec<u8> {
+        let mut body = DTLS_1_2.to_vec();
+        body.extend_from_slice(random);
+        body.push(0);
+        body.push(u8::try_from(cookie.len()).unwrap());
+        body.extend_from_slice(cookie);
+        body.extend_from_slice(&[0, 2, 0xc0, 0x2b, 1, 0]);
+        let extensions: &[u8] = &[
+            0, 10, 0, 4, 0, 2, 0, 23, // supported_groups: secp256r1
+            0, 11, 0, 2, 1, 0, // ec_point_formats: uncompressed
+            0, 13, 0, 4, 0, 2, 4, 3, // signature_algorithms: ecdsa_secp256r1_sha256
+            0, 23, 0, 0, // extended_master_secret
+        ];
+        body.extend_from_slice(&u16::try_from(extensions.len()).unwrap().to_be_bytes());
+        body.extend_from_slice(extensions);
+        message(1, seq, &body)
+    }
+
+    /// P_SHA256 (RFC 5246 5).
+    fn prf(secret: &[u8], label: &[u8], seed: &[u8], len: usize) -> Vec<u8> {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+        let label_seed = [label, seed].concat();
+        let mut a = hmac::sign(&key, &label_seed).as_ref().to_vec();
+        let mut out = Vec::new();
+        while out.len() < len {
+            out.extend_from_slice(hmac::sign(&key, &[&a[..], &label_seed].concat()).as_ref());
+            a = hmac::sign(&key, &a).as_ref().to_vec();
+        }
+        out.truncate(len);
+        out
+    }
+
+    impl Client {
+        /// ClientHello, the cookie round, ClientHello again, and the server's flight up to
+        /// ServerHelloDone.
+        pub async fn connect(server: SocketAddr) -> Self {
+            let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut client_random = [0u8; 32];
+            ring::rand::SystemRandom::new()
+                .fill(&mut client_random)
+                .unwrap();
+            let first = client_hello(&client_random, &[], 0);
+            socket
+                .send_to(&record(22, 0, 0, &first), server)
+                .await
+                .unwrap();
+            let hvr = Self::recv_messages(&socket).await;
+            let (_, hvr) = hvr
+                .iter()
+                .find(|(t, _)| *t == 3)
+                .expect("HelloVerifyRequest");
+            let cookie = &hvr[15..15 + usize::from(hvr[14])];
+            let second = client_hello(&client_random, cookie, 1);
+            socket
+                .send_to(&record(22, 0, 1, &second), server)
+                .await
+                .unwrap();
+            let mut transcript = second;
+            let mut flight = Vec::new();
+            while !flight.iter().any(|(t, _): &(u8, Vec<u8>)| *t == 14) {
+                flight.extend(Self::recv_messages(&socket).await);
+            }
+            let mut server_random = Vec::new();
+            let mut server_key = Vec::new();
+            // ServerHello, Certificate, ServerKeyExchange, CertificateRequest, ServerHelloDone.
+            for wanted in [2, 11, 12, 13, 14] {
+                let (_, msg) = flight.iter().find(|(t, _)| *t == wanted).unwrap();
+                match wanted {
+                    2 => server_random = msg[14..46].to_vec(),
+                    // curve type, named curve, then the u8-length point.
+                    12 => server_key = msg[16..16 + usize::from(msg[15])].to_vec(),
+                    _ => {}
+                }
+                transcript.extend_from_slice(msg);
+            }
+            Self {
+                socket,
+                server,
+                transcript,
+                client_random,
+                server_random,
+                server_key,
+            }
+        }
+
+        async fn recv_messages(socket: &UdpSocket) -> Vec<(u8, Vec<u8>)> {
+            let mut buf = vec![0u8; 65536];
+            let (n, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf))
+                .await
+                .expect("the server answered")
+                .unwrap();
+            messages(&buf[..n])
+        }
+
+        /// ClientKeyExchange (message 2), ChangeCipherSpec, then each plaintext of `encrypted`
+        /// as a handshake record of epoch 1 under the keys both sides now hold: one datagram.
+        pub async fn send_flight_five(&mut self, encrypted: &[&[u8]]) {
+            let rng = ring::rand::SystemRandom::new();
+            let private =
+                agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng).unwrap();
+            let public = private.compute_public_key().unwrap();
+            let pre_master = agreement::agree_ephemeral(
+                private,
+                &agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, &self.server_key),
+                |shared| shared.to_vec(),
+            )
+            .unwrap();
+            let key_exchange = message(16, 2, &[&[65u8][..], public.as_ref()].concat());
+            self.transcript.extend_from_slice(&key_exchange);
+            let session_hash = digest::digest(&digest::SHA256, &self.transcript);
+            let master = prf(
+                &pre_master,
+                b"extended master secret",
+                session_hash.as_ref(),
+                48,
+            );
+            let keys = prf(
+                &master,
+                b"key expansion",
+                &[&self.server_random[..], &self.client_random].concat(),
+                40,
+            );
+            let (client_key, client_iv) = (&keys[..16], &keys[32..36]);
+            let sealing = aead::LessSafeKey::new(
+                aead::UnboundKey::new(&aead::AES_128_GCM, client_key).unwrap(),
+            );
+            let mut datagram = record(22, 0, 2, &key_exchange);
+            datagram.extend_from_slice(&record(20, 0, 3, &[1]));
+            for (seq, plaintext) in encrypted.iter().enumerate() {
+                let seq = seq as u64;
+                let explicit = (1u64 << 48 | seq).to_be_bytes();
+                let nonce: [u8; 12] = [client_iv, &explicit[..]].concat().try_into().unwrap();
+                let mut aad = explicit.to_vec();
+                aad.extend_from_slice(&[22, DTLS_1_2[0], DTLS_1_2[1]]);
+                aad.extend_from_slice(&u16::try_from(plaintext.len()).unwrap().to_be_bytes());
+                let mut sealed = plaintext.to_vec();
+                sealing
+                    .seal_in_place_append_tag(
+                        aead::Nonce::assume_unique_for_key(nonce),
+                        aead::Aad::from(aad),
+                        &mut sealed,
+                    )
+                    .unwrap();
+                datagram.extend_from_slice(&record(22, 1, seq, &[&explicit[..], &sealed].concat()));
+            }
+            self.socket.send_to(&datagram, self.server).await.unwrap();
+        }
     }
 }
