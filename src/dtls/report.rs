@@ -240,7 +240,7 @@ pub(crate) fn install_panic_hook() {
                 let message = payload(info);
                 error!(
                     %site,
-                    message = %message.chars().take(200).collect::<String>(),
+                    payload = %message.chars().take(200).collect::<String>(),
                     panics = count,
                     "panic in webrtc-dtls, caught; further panics at this site are only counted"
                 );
