@@ -84,6 +84,9 @@ pub struct Bench {
     stunnel: Option<(Proc, SocketAddr)>,
     socat: Option<(Proc, SocketAddr)>,
     agents_started: usize,
+    /// The Docker-compatible engine's unix socket (`--docker-socket`, absolute): written into
+    /// every agent's `[docker] socket`; without it the agents' Docker relay is off.
+    pub docker_socket: Option<PathBuf>,
     /// The JSON written at the end: one key per section, then `targets` and `errors`.
     pub json: serde_json::Map<String, Value>,
     /// The targets judged so far.
@@ -118,6 +121,7 @@ impl Bench {
             stunnel: None,
             socat: None,
             agents_started: 0,
+            docker_socket: None,
             json: serde_json::Map::new(),
             checks: Vec::new(),
         };
@@ -179,7 +183,7 @@ impl Bench {
         let n = self.agents_started;
         let port = procs::free_port(true)?;
         let conf = self.dir.0.join(format!("agent-{n}.toml"));
-        fs::write(&conf, agent_config(port))?;
+        fs::write(&conf, agent_config(port, self.docker_socket.as_deref()))?;
         let mut cmd = Command::new(&self.agent_bin);
         cmd.arg("run").arg("--config").arg(&conf);
         // Per-tunnel lines are info: at warn they cost nothing.
@@ -191,9 +195,15 @@ impl Bench {
             "AGENT_SSL_CERT",
             "AGENT_SKIP_CLIENT_CERT_CHECK",
             "RUNTIME",
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
+            "DOCKER_SOCKET",
+            "LISTEN_ADDR",
         ] {
+            // The agent reads these also with GoDoxy's prefixes.
+            for prefix in ["", "GODOXY_", "GOPROXY_"] {
+                cmd.env_remove(format!("{prefix}{var}"));
+            }
+        }
+        for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC"] {
             cmd.env_remove(var);
         }
         let log = self.dir.0.join(format!("agent-{n}.log"));
@@ -207,6 +217,12 @@ impl Bench {
             tcp: addr,
             udp: addr,
         })
+    }
+
+    /// The folder with the certificates (`ca.pem`, `server.pem`, `server.key`, `client.*`);
+    /// removed at the end.
+    pub fn cert_dir(&self) -> &Path {
+        &self.dir.0
     }
 
     /// Where the echo, `agent`, stunnel and socat listen.
@@ -258,7 +274,17 @@ impl Bench {
     }
 }
 
-fn agent_config(port: u16) -> String {
+/// The agent's configuration: its ports, the bench's certificates, limits above what the bench
+/// needs, and the Docker relay to `docker` (off without one).
+fn agent_config(port: u16, docker: Option<&Path>) -> String {
+    // A TOML basic string: JSON's escapes are a subset of TOML's.
+    let docker = match docker {
+        Some(socket) => format!(
+            "[docker]\nsocket = {}\naccess = \"godoxy\"\n",
+            Value::from(socket.to_string_lossy())
+        ),
+        None => "[docker]\naccess = \"off\"\n".to_owned(),
+    };
     format!(
         "# written by the bench\n\
          name = \"bench\"\n\
@@ -278,6 +304,7 @@ fn agent_config(port: u16) -> String {
          max_udp_sessions = 1024\n\
          max_udp_handshakes = 256\n\
          max_connections = 4096\n\
-         shutdown_grace = \"1s\"\n"
+         shutdown_grace = \"1s\"\n\
+         {docker}"
     )
 }

@@ -1,28 +1,33 @@
 //! `bench`: the agent (its release binary, as a child process) against stunnel, socat and a
-//! direct connection, all on 127.0.0.1. Prints tables and the issue's targets, writes JSON.
+//! direct connection, all on 127.0.0.1, its Docker API relay against the engine's socket, and
+//! its HTTP routes against nginx. Prints tables and the issue's targets, writes JSON.
 //!
 //! ```text
-//! scripts/bench.sh --out bench.json [--quick] [--only tcp,rtt,tps,udp,mem]
-//! target/release/bench --agent target/release/godoxy-agent --out bench.json   # built already
+//! scripts/bench.sh --out bench.json [--quick] [--only tcp,rtt,tps,udp,mem,docker,proxy]
+//! target/release/bench --agent target/release/godoxy-agent --docker-socket S --out bench.json
 //! ```
 //!
-//! The bench builds and installs nothing: scripts/bench.sh installs socat and stunnel4, raises
-//! the open-files limit and builds the agent and the bench first.
+//! The bench builds, installs and starts nothing outside itself: scripts/bench.sh installs
+//! socat, stunnel4 and nginx, raises the open-files limit, builds the agent and the bench, and
+//! starts a Docker-compatible engine (scripts/docker-engine.sh) whose socket it passes.
 //!
 //! Every figure is the median of `--runs` runs (3; 1 with `--quick`) with min and max; per
 //! round the targets run interleaved (agent, stunnel, socat, direct). CPU time, RSS and fds are
 //! read from /proc for the proxies; the client and echo run on named threads of this process.
 //!
-//! One file per section (`tcp`, `rtt`, `tps`, `udp`, `mem`), each with its workload; `harness`
-//! starts the agent, stunnel and socat; `load` and `dgram` are the client side every workload
-//! shares; `echo`, `procs` and `stats` are the echo peers, /proc and the figures.
+//! One file per section (`tcp`, `rtt`, `tps`, `udp`, `mem`, `docker`, `proxy`), each with its
+//! workload; `harness` starts the agent, stunnel and socat; `load` and `dgram` are the client
+//! side every workload shares; `echo`, `procs` and `stats` are the echo peers, /proc and the
+//! figures.
 
 mod dgram;
+mod docker;
 mod echo;
 mod harness;
 mod load;
 mod mem;
 mod procs;
+mod proxy;
 mod rtt;
 mod stats;
 mod tcp;
@@ -67,6 +72,10 @@ struct Args {
         overrides_with = "agent"
     )]
     agent: PathBuf,
+    /// The Docker-compatible engine's unix socket, for the docker section and every agent's
+    /// `[docker] socket` (scripts/bench.sh starts a test engine and passes its socket).
+    #[arg(long, value_name = "PATH")]
+    docker_socket: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -76,6 +85,8 @@ enum Section {
     Tps,
     Udp,
     Mem,
+    Docker,
+    Proxy,
 }
 
 /// How much each section does.
@@ -91,6 +102,15 @@ struct Sizes {
     udp_sessions: usize,
     mem_tcp: usize,
     mem_udp: usize,
+    docker_warm: usize,
+    docker_requests: usize,
+    docker_clients: usize,
+    docker_secs: u64,
+    docker_cycles: usize,
+    proxy_warm_ms: u64,
+    proxy_secs: u64,
+    ws_warm: usize,
+    ws: usize,
 }
 
 impl Sizes {
@@ -110,6 +130,15 @@ impl Sizes {
             udp_sessions: 8,
             mem_tcp: q(1000, 200) as usize,
             mem_udp: q(200, 50) as usize,
+            docker_warm: q(200, 50) as usize,
+            docker_requests: q(2000, 300) as usize,
+            docker_clients: 8,
+            docker_secs: q(5, 2),
+            docker_cycles: q(5, 2) as usize,
+            proxy_warm_ms: q(1000, 300),
+            proxy_secs: q(5, 1),
+            ws_warm: q(2000, 200) as usize,
+            ws: q(20_000, 2000) as usize,
         }
     }
 }
@@ -135,6 +164,8 @@ fn run(args: Args) -> Result<bool> {
             Section::Tps,
             Section::Udp,
             Section::Mem,
+            Section::Docker,
+            Section::Proxy,
         ]
     } else {
         args.only.clone()
@@ -142,6 +173,11 @@ fn run(args: Args) -> Result<bool> {
     sections.sort();
     sections.dedup();
     let agent_bin = agent_binary(&args)?;
+    let docker_socket = args
+        .docker_socket
+        .as_deref()
+        .map(docker_socket_path)
+        .transpose()?;
     let proxies = sections
         .iter()
         .any(|s| matches!(s, Section::Tcp | Section::Rtt | Section::Tps));
@@ -162,6 +198,7 @@ fn run(args: Args) -> Result<bool> {
     }
 
     let mut bench = Bench::new(sizes, agent_bin, tools.as_ref())?;
+    bench.docker_socket = docker_socket;
     // Other load on the machine skews every figure: wait (up to 30 s) for a quiet second.
     let mut background = 100.0;
     for _ in 0..30 {
@@ -196,6 +233,8 @@ fn run(args: Args) -> Result<bool> {
             Section::Tps => bench.section_tps(),
             Section::Udp => bench.section_udp(),
             Section::Mem => bench.section_mem(),
+            Section::Docker => bench.section_docker(),
+            Section::Proxy => bench.section_proxy(),
         };
         if let Err(err) = result {
             let name = format!("{section:?}").to_lowercase();
@@ -241,6 +280,17 @@ fn agent_binary(args: &Args) -> Result<PathBuf> {
     Ok(path.clone())
 }
 
+/// `--docker-socket` made absolute (the agent resolves relative paths against its config's
+/// folder); it must be UTF-8, as it goes into the agent's TOML.
+fn docker_socket_path(path: &std::path::Path) -> Result<PathBuf> {
+    let path =
+        std::path::absolute(path).with_context(|| format!("--docker-socket {}", path.display()))?;
+    if path.to_str().is_none() {
+        bail!("--docker-socket {}: not UTF-8", path.display());
+    }
+    Ok(path)
+}
+
 impl Bench {
     /// The lines printed before the first section.
     fn header(&self) -> String {
@@ -284,7 +334,13 @@ impl Bench {
                 "udp_sessions": s.udp_sessions, "udp_payload": dgram::PAYLOAD,
                 "udp_window": udp::WINDOW,
                 "mem_tcp_tunnels": s.mem_tcp, "mem_udp_sessions": s.mem_udp,
+                "docker_list_requests": s.docker_requests, "docker_list_warm_up": s.docker_warm,
+                "docker_clients": s.docker_clients, "docker_seconds": s.docker_secs,
+                "docker_event_cycles": s.docker_cycles, "docker_containers": docker::CONTAINERS,
+                "proxy_warm_up_ms": s.proxy_warm_ms, "proxy_seconds": s.proxy_secs,
+                "ws_round_trips": s.ws, "ws_warm_up": s.ws_warm,
             },
+            "docker_socket": self.docker_socket.as_ref().map(|p| p.display().to_string()),
             "cpu_split": "proxy: its process (socat: with its forked children); client: threads \
                           'bench-client' (2 workers); echo: thread 'bench-echo' (1 worker); \
                           machine: /proc/stat busy time",
