@@ -415,9 +415,20 @@ pub struct StreamConfig {
     pub udp_idle_timeout: Duration,
     /// Open UDP sessions at most; new handshakes beyond it are refused.
     pub max_udp_sessions: NonZeroUsize,
-    /// DTLS handshakes in flight at most; more are shed.
+    /// DTLS handshakes in progress at most; when full, the oldest is abandoned for a new one.
     pub max_udp_handshakes: NonZeroUsize,
-    /// Open TLS connections (tunnels and HTTP) at most; beyond it accepting waits.
+    /// TCP connections in TLS handshake at most; when full, the oldest is abandoned for a new
+    /// one.
+    pub max_tls_handshakes: NonZeroUsize,
+    /// Handshakes in progress from one source (IPv4 address, IPv6 /64) at most, per transport;
+    /// one more from it is refused at once.
+    pub max_handshakes_per_source: NonZeroUsize,
+    /// The handshake deadline of a connection or DTLS handshake that arrives while its pool
+    /// (`max_tls_handshakes`, `max_udp_handshakes`) is more than half full (`handshake_timeout`
+    /// when that is shorter).
+    #[serde(with = "humantime_serde")]
+    pub busy_handshake_timeout: Duration,
+    /// Authenticated TLS connections (tunnels and HTTP) open at most; one more is closed.
     pub max_connections: NonZeroUsize,
     /// On SIGTERM/SIGINT, how long open tunnels may go on before they are closed.
     #[serde(with = "humantime_serde")]
@@ -433,6 +444,9 @@ impl Default for StreamConfig {
             udp_idle_timeout: Duration::from_secs(120),
             max_udp_sessions: const { non_zero(4096) },
             max_udp_handshakes: const { non_zero(256) },
+            max_tls_handshakes: const { non_zero(1024) },
+            max_handshakes_per_source: const { non_zero(16) },
+            busy_handshake_timeout: Duration::from_secs(2),
             max_connections: const { non_zero(4096) },
             shutdown_grace: Duration::from_secs(10),
         }
@@ -629,6 +643,10 @@ impl Config {
         }
         let timeouts = [
             ("stream.handshake_timeout", self.stream.handshake_timeout),
+            (
+                "stream.busy_handshake_timeout",
+                self.stream.busy_handshake_timeout,
+            ),
             ("stream.header_timeout", self.stream.header_timeout),
             ("stream.dial_timeout", self.stream.dial_timeout),
             ("stream.udp_idle_timeout", self.stream.udp_idle_timeout),

@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, PreauthLimits, Transport};
 use crate::config::Config;
+use crate::dtls::cookie::Cookies;
+use crate::dtls::report::Tally;
 use crate::dtls::{self, UdpLimits, UdpShared};
 use crate::http::{AgentInfo, Docker, Health, HttpShared, Proxy};
 use crate::metrics::Metrics;
@@ -54,6 +57,12 @@ impl Daemon {
             header: config.stream.header_timeout,
             dial: config.stream.dial_timeout,
         };
+        let preauth = |capacity: usize| PreauthLimits {
+            capacity,
+            per_source: config.stream.max_handshakes_per_source.get(),
+            timeout: config.stream.handshake_timeout,
+            busy_timeout: config.stream.busy_handshake_timeout,
+        };
         let udp = match config.listen.udp {
             Some(addr) => {
                 let dtls = dtls::server_config(&material, config.tls.require_client_cert)
@@ -69,17 +78,22 @@ impl Daemon {
                     );
                 }
                 let limits = UdpLimits {
-                    handshake_timeout: config.stream.handshake_timeout,
                     timeouts,
                     idle_timeout: config.stream.udp_idle_timeout,
                     max_sessions: config.stream.max_udp_sessions.get(),
-                    max_handshakes: config.stream.max_udp_handshakes.get(),
+                    preauth: preauth(config.stream.max_udp_handshakes.get()),
                 };
                 let shared = UdpShared {
                     dtls,
                     limits,
                     stats: stats.clone(),
                     policy: policy.clone(),
+                    admission: Arc::new(Admission::new(
+                        limits.preauth,
+                        Transport::Dtls,
+                        stats.clone(),
+                    )),
+                    cookies: Cookies::new()?,
                 };
                 Some((Arc::new(socket), Arc::new(shared)))
             }
@@ -101,7 +115,13 @@ impl Daemon {
                 header_timeout: config.http.header_timeout,
                 idle_timeout: config.http.idle_timeout,
             }),
-            handshake_timeout: config.stream.handshake_timeout,
+            admission: Arc::new(Admission::new(
+                preauth(config.stream.max_tls_handshakes.get()),
+                Transport::Tcp,
+                stats.clone(),
+            )),
+            connections: Arc::new(Semaphore::new(config.stream.max_connections.get())),
+            tally: Tally::new("TLS"),
             timeouts,
             policy,
             stats,
@@ -162,7 +182,6 @@ impl Daemon {
         hard_stop: CancellationToken,
     ) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(self.config.stream.max_connections.get()));
         let udp_addr = self.udp_addr();
         let demux = self.udp.clone().map(|(socket, shared)| {
             tokio::spawn(dtls::run(
@@ -204,7 +223,6 @@ impl Daemon {
         let accept = tokio::spawn(tcp_listener::run(
             self.tcp,
             self.shared.clone(),
-            limit,
             tasks.clone(),
             shutdown.clone(),
             hard_stop.clone(),

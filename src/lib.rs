@@ -11,6 +11,8 @@
 //! - `config`: the TOML file and GoDoxy's environment variables -> a validated [`Config`];
 //! - `daemon`: [`Daemon::bind`] binds every socket, [`Daemon::run`] serves until shutdown;
 //! - `tcp_listener`: the TLS port's accept loop, handshake, routing by ALPN (`alpn`);
+//! - `admission`: the strangers' pools (TCP connections in TLS handshake, DTLS handshakes):
+//!   per-source cap, short deadline when busy, the oldest shed when full;
 //! - `tls`: certificates and keys -> rustls and webrtc-dtls configurations; `certs` makes them;
 //! - `protocol`: the 275-byte header and the names both ends agree on;
 //! - `tunnel`: the one pipeline (header -> probe -> destination -> dial -> relay -> closing
@@ -30,6 +32,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod admission;
 mod alpn;
 pub mod certs;
 pub mod client;
@@ -73,7 +76,7 @@ pub mod fuzzing {
 
     /// The datagrams of one peer that the demultiplexer hands to webrtc-dtls before the
     /// handshake has completed, in order: the first must open a session (a well-formed
-    /// ClientHello), the rest must pass the pre-authentication check and its cap on encrypted
+    /// ClientHello answering a HelloVerifyRequest: a cookie, message 1), the rest must pass the pre-authentication check and its cap on encrypted
     /// records. Returns the admitted datagrams and the refusal names of the others.
     pub fn dtls_preauth(datagrams: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<&'static str>) {
         let mut admitted = Vec::new();
@@ -83,6 +86,14 @@ pub mod fuzzing {
             let mut count = ciphertext;
             match crate::dtls::admit(datagram, &mut count) {
                 Ok(a) if admitted.is_empty() && !a.client_hello => refused.push("unsolicited"),
+                // The demultiplexer opens a handshake only for a ClientHello that returns a
+                // cookie it made; a fuzzer cannot forge one, so the cookie's shape stands in.
+                Ok(_)
+                    if admitted.is_empty()
+                        && !crate::dtls::cookie::answers_a_challenge(datagram) =>
+                {
+                    refused.push("no_cookie");
+                }
                 Ok(_) => {
                     ciphertext = count;
                     admitted.push(datagram.clone());

@@ -21,8 +21,24 @@ pub struct Stats {
     pub udp_handshakes: AtomicU64,
     /// DTLS handshakes that failed or timed out.
     pub udp_handshake_failures: AtomicU64,
-    /// ClientHellos dropped because max_udp_handshakes were in flight.
-    pub udp_shed_handshakes: AtomicU64,
+    /// Gauge: TCP connections whose TLS handshake is in progress (strangers, until it ends).
+    pub preauth_tcp: AtomicU64,
+    /// Gauge: DTLS handshakes in progress.
+    pub preauth_dtls: AtomicU64,
+    /// TCP connections in TLS handshake abandoned to make room (`max_tls_handshakes` full).
+    pub shed_tcp: AtomicU64,
+    /// DTLS handshakes abandoned to make room (`max_udp_handshakes` full).
+    pub shed_dtls: AtomicU64,
+    /// TCP connections closed at once: their source had `max_handshakes_per_source` open.
+    pub preauth_refused_tcp: AtomicU64,
+    /// ClientHellos dropped: their source had `max_handshakes_per_source` handshakes open.
+    pub preauth_refused_dtls: AtomicU64,
+    /// Authenticated TLS connections closed because `max_connections` were open.
+    pub tcp_refused_connections: AtomicU64,
+    /// ClientHellos answered with a HelloVerifyRequest (no state kept).
+    pub udp_cookies_sent: AtomicU64,
+    /// ClientHellos whose cookie was not one this agent issued (recently, to that address).
+    pub udp_bad_cookies: AtomicU64,
     /// ClientHellos refused because max_udp_sessions were open.
     pub udp_refused_sessions: AtomicU64,
     /// Datagrams from unknown peers that were not a ClientHello.

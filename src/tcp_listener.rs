@@ -1,19 +1,25 @@
 //! The TLS port: accept loop, per-connection handshake under a timeout, routing by ALPN.
+//!
+//! A connection is a stranger until its handshake completes: it holds a place in the
+//! `admission` pool (per-source cap, short deadline when busy, the oldest shed when full), not
+//! one of the `max_connections` places, which only authenticated connections take.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::{sleep, timeout};
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, timeout};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, field, info_span, warn};
 
+use crate::admission::{Admission, Ticket};
 use crate::alpn::Alpn;
+use crate::dtls::report::{self, Failure, Tally};
 use crate::http::{self, HttpShared};
 use crate::policy::Policy;
 use crate::stats::Stats;
@@ -36,8 +42,12 @@ pub(crate) struct Shared {
     pub(crate) tls_no_alpn: Arc<rustls::ServerConfig>,
     /// For the HTTP API.
     pub(crate) http: Arc<HttpShared>,
-    /// Time a client has to complete the TLS handshake.
-    pub(crate) handshake_timeout: Duration,
+    /// Connections whose handshake is in progress.
+    pub(crate) admission: Arc<Admission>,
+    /// Authenticated connections open at most (`stream.max_connections`).
+    pub(crate) connections: Arc<Semaphore>,
+    /// Strangers' failures, shedding and refusals, one line per interval.
+    pub(crate) tally: Tally,
     /// Tunnel timeouts.
     pub(crate) timeouts: Timeouts,
     /// Which tunnel destinations may be dialed.
@@ -51,23 +61,24 @@ pub(crate) struct Shared {
 pub(crate) async fn run(
     listener: TcpListener,
     shared: Arc<Shared>,
-    limit: Arc<Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) {
     let mut backoff = ACCEPT_BACKOFF_FIRST;
+    let mut report_tick = interval_at(
+        Instant::now() + report::REPORT_INTERVAL,
+        report::REPORT_INTERVAL,
+    );
+    report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        // Take the permit before accepting, so at the cap the kernel backlog pushes back.
-        let Some(permit) = shutdown
-            .run_until_cancelled(limit.clone().acquire_owned())
-            .await
-        else {
-            break;
-        };
-        let Ok(permit) = permit else { break };
-        let Some(accepted) = shutdown.run_until_cancelled(listener.accept()).await else {
-            break;
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = report_tick.tick() => {
+                shared.tally.report();
+                continue;
+            }
+            accepted = listener.accept() => accepted,
         };
         let (tcp, peer) = match accepted {
             Ok(conn) => {
@@ -83,48 +94,83 @@ pub(crate) async fn run(
                 continue;
             }
         };
+        // Closed at once (dropped) when its source has its share of handshakes open.
+        let Ok(ticket) = shared.admission.admit(peer.ip()) else {
+            shared.tally.source_full(peer.ip());
+            continue;
+        };
+        if let Some(displaced) = ticket.displaced {
+            shared.tally.shed(displaced.ip());
+        }
         let span = info_span!("tcp", %peer, alpn = field::Empty, subject = field::Empty);
         tasks.spawn(
             serve_connection(
                 tcp,
                 shared.clone(),
+                ticket,
                 shutdown.clone(),
                 hard_stop.clone(),
-                permit,
             )
             .instrument(span),
         );
     }
+    shared.tally.report();
 }
 
 async fn serve_connection(
     tcp: TcpStream,
     shared: Arc<Shared>,
+    ticket: Ticket,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
-    _permit: OwnedSemaphorePermit,
 ) {
     tune(&tcp);
+    let peer = tcp.peer_addr().map(|a| a.ip()).ok();
     let handshake = tokio::select! {
-        r = timeout(shared.handshake_timeout, handshake(tcp, &shared)) => r,
+        r = timeout(ticket.deadline, handshake(tcp, &shared)) => r,
+        // Made room for a newer stranger: counted when it was shed.
+        () = ticket.shed.cancelled() => return,
         // Not a tunnel yet: no grace period.
         () = shutdown.cancelled() => return,
     };
-    let tls = match handshake {
-        Ok(Ok(tls)) => {
-            Stats::bump(&shared.stats.tls_handshakes);
-            tls
-        }
+    let deadline = ticket.deadline;
+    drop(ticket);
+    // A failed handshake is a stranger's: counted into the aggregate line (by reason and
+    // source), and only at debug level one by one.
+    let failure = match handshake {
+        Ok(Ok(tls)) => Ok(tls),
         Ok(Err(err)) => {
-            Stats::bump(&shared.stats.tls_handshake_failures);
-            warn!("TLS handshake failed: {err}");
-            return;
+            debug!("TLS handshake failed: {err}");
+            Err(Failure::of_tls(&err))
         }
         Err(_) => {
+            debug!(timeout = ?deadline, "TLS handshake timed out");
+            Err(Failure::Timeout)
+        }
+    };
+    let tls = match failure {
+        Ok(tls) => tls,
+        Err(reason) => {
             Stats::bump(&shared.stats.tls_handshake_failures);
-            warn!(timeout = ?shared.handshake_timeout, "TLS handshake timed out");
+            if let Some(ip) = peer {
+                shared.tally.failed(ip, reason);
+            }
             return;
         }
+    };
+    Stats::bump(&shared.stats.tls_handshakes);
+    let Ok(_permit) = shared.connections.clone().try_acquire_owned() else {
+        Stats::bump(&shared.stats.tcp_refused_connections);
+        // Authenticated clients, but a loop of them must not flood the log: the first refusal
+        // and then one per 1000, with the running count.
+        let refused = Stats::get(&shared.stats.tcp_refused_connections);
+        if refused % 1000 == 1 {
+            warn!(
+                refused,
+                "authenticated connection closed: stream.max_connections are open"
+            );
+        }
+        return;
     };
     let (_, conn) = tls.get_ref();
     let alpn = Alpn::parse(conn.alpn_protocol());

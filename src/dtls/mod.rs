@@ -6,13 +6,18 @@
 //! peer a bounded queue; only a ClientHello may open an entry; the entry leaves the table when
 //! its session ends; handshakes run in their own tasks under a timeout and a cap.
 //!
-//! Until a peer's handshake has completed, each of its datagrams must pass `preauth::check`
+//! A ClientHello from an unknown peer is answered statelessly (`cookie`: HelloVerifyRequest);
+//! only one returning a valid cookie opens an entry, and then a place in the `admission` pool
+//! of handshakes (per-source cap, short deadline when busy, the oldest shed when full). Until
+//! a peer's handshake has completed, each of its datagrams must pass `preauth::check`
 //! (webrtc-dtls's parsers are not safe on malformed input); what fails is dropped and counted,
-//! and `report` turns the drops and failed handshakes into one line per interval.
+//! and `report` turns the drops and failed, shed and refused handshakes into one line per
+//! interval.
 
+pub(crate) mod cookie;
 mod peer;
 pub(crate) mod preauth;
-mod report;
+pub(crate) mod report;
 mod session;
 
 use std::collections::HashMap;
@@ -26,16 +31,18 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use rustls::RootCertStore;
 use tokio::net::UdpSocket;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, field, info_span, warn};
 use webrtc_dtls::config::{ClientAuthType, Config as DtlsConfig, ExtendedMasterSecretType};
 
+use self::cookie::{Cookies, Verdict};
 use self::peer::PeerConn;
 use self::preauth::Refusal;
 use self::report::Tally;
+use crate::admission::{Admission, PreauthLimits};
 use crate::policy::Policy;
 use crate::protocol::DTLS_CIPHER_SUITE;
 use crate::stats::Stats;
@@ -57,16 +64,14 @@ const MAX_PREAUTH_CIPHERTEXT: usize = 32;
 /// Limits and timeouts of the UDP side.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct UdpLimits {
-    /// DTLS handshake deadline.
-    pub(crate) handshake_timeout: Duration,
     /// Header and dial deadlines.
     pub(crate) timeouts: Timeouts,
     /// No datagram either way for this long ends a session.
     pub(crate) idle_timeout: Duration,
     /// Table entries (handshaking or established) at most.
     pub(crate) max_sessions: usize,
-    /// Handshakes in flight at most.
-    pub(crate) max_handshakes: usize,
+    /// The handshakes' pool.
+    pub(crate) preauth: PreauthLimits,
 }
 
 /// What every session task needs.
@@ -79,6 +84,10 @@ pub(crate) struct UdpShared {
     pub(crate) stats: Arc<Stats>,
     /// Which tunnel destinations may be dialed.
     pub(crate) policy: Arc<Policy>,
+    /// Handshakes in progress.
+    pub(crate) admission: Arc<Admission>,
+    /// The stateless HelloVerifyRequest exchange.
+    pub(crate) cookies: Cookies,
 }
 
 /// The DTLS server configuration: the TLS port's certificate and CA, one cipher suite,
@@ -106,6 +115,8 @@ pub(crate) fn server_config(
             ClientAuthType::VerifyClientCertIfGiven
         },
         client_cas,
+        // The demultiplexer runs the cookie exchange (`cookie`).
+        hello_verified_by_caller: true,
         ..Default::default()
     })
 }
@@ -160,7 +171,7 @@ pub(crate) async fn run(
 ) {
     let stats = shared.stats.clone();
     report::install_panic_hook();
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(Tally::new("DTLS"));
     let refuse = |peer: SocketAddr, reason: Refusal| {
         Stats::bump(&stats.udp_preauth_drops);
         tally.refused(peer.ip(), reason);
@@ -170,7 +181,6 @@ pub(crate) async fn run(
         report::REPORT_INTERVAL,
     );
     report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let handshakes = Arc::new(Semaphore::new(shared.limits.max_handshakes));
     let mut peers: HashMap<SocketAddr, Entry> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
     let mut next_id = 0u64;
@@ -250,6 +260,20 @@ pub(crate) async fn run(
                         continue;
                     }
                 }
+                match shared.cookies.judge(datagram, peer) {
+                    Verdict::Verified => {}
+                    Verdict::Challenge(request) => {
+                        Stats::bump(&stats.udp_cookies_sent);
+                        // Best effort, as any datagram: the client retransmits its hello.
+                        let _ = socket.try_send_to(&request, peer);
+                        continue;
+                    }
+                    Verdict::BadCookie => {
+                        Stats::bump(&stats.udp_bad_cookies);
+                        refuse(peer, Refusal::Cookie);
+                        continue;
+                    }
+                }
                 if peers.len() >= shared.limits.max_sessions {
                     Stats::bump(&stats.udp_refused_sessions);
                     // Clients retry every second and a flood is many peers: warn on the first
@@ -260,11 +284,13 @@ pub(crate) async fn run(
                     }
                     continue;
                 }
-                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                    Stats::bump(&stats.udp_shed_handshakes);
-                    debug!(%peer, "DTLS handshake shed: max_udp_handshakes in flight");
+                let Ok(ticket) = shared.admission.admit(peer.ip()) else {
+                    tally.source_full(peer.ip());
                     continue;
                 };
+                if let Some(displaced) = ticket.displaced {
+                    tally.shed(displaced.ip());
+                }
                 next_id += 1;
                 let (tx, rx) = mpsc::channel(PEER_QUEUE);
                 if tx.try_send(Bytes::copy_from_slice(datagram)).is_err() {
@@ -291,7 +317,7 @@ pub(crate) async fn run(
                 let span = info_span!("udp", %peer, subject = field::Empty);
                 tasks.spawn(
                     async move {
-                        let handshake = session::Handshake { permit, authenticated, tally };
+                        let handshake = session::Handshake { ticket, authenticated, tally };
                         session::run(conn, shared, handshake, soft, stop).await;
                         let _ = done.send((peer, id));
                     }

@@ -126,11 +126,14 @@ pub(crate) enum Refusal {
     /// An alert record that is not exactly two bytes.
     #[error("malformed alert")]
     Alert,
+    /// A ClientHello returning a cookie this agent did not make for that address lately.
+    #[error("ClientHello with a cookie not made for it")]
+    Cookie,
 }
 
 impl Refusal {
     /// Every reason, in `name` order of declaration (for counting by index).
-    pub(crate) const ALL: [Refusal; 19] = [
+    pub(crate) const ALL: [Refusal; 20] = [
         Self::Oversize,
         Self::RecordTruncated,
         Self::RecordEmpty,
@@ -150,6 +153,7 @@ impl Refusal {
         Self::CertificateVerify,
         Self::ChangeCipherSpec,
         Self::Alert,
+        Self::Cookie,
     ];
 
     /// Short name, for counts and log fields.
@@ -174,6 +178,7 @@ impl Refusal {
             Self::CertificateVerify => "certificate_verify",
             Self::ChangeCipherSpec => "change_cipher_spec",
             Self::Alert => "alert",
+            Self::Cookie => "cookie",
         }
     }
 

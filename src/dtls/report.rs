@@ -1,6 +1,7 @@
-//! What strangers cause on the UDP side, logged without letting them flood the log: refused
-//! datagrams and failed handshakes are counted and reported in one line per interval, and a
-//! panic inside webrtc-dtls is logged once per site and counted.
+//! What strangers cause, logged without letting them flood the log: refused datagrams, failed,
+//! shed and refused handshakes are counted and reported in one line per interval and transport
+//! (the TLS port's and the DTLS port's), and a panic inside webrtc-dtls is logged once per site
+//! and counted.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -27,6 +28,8 @@ pub(crate) enum Failure {
     Timeout,
     /// The peer sent a fatal alert or close_notify (it refused us, or gave up).
     PeerAlert,
+    /// TCP: the peer closed or reset the connection during the handshake.
+    PeerClosed,
     /// No client certificate where one is required.
     NoClientCert,
     /// A client certificate or its signature that does not verify against `tls.ca`.
@@ -38,9 +41,10 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
-    const ALL: [Failure; 6] = [
+    const ALL: [Failure; 7] = [
         Self::Timeout,
         Self::PeerAlert,
+        Self::PeerClosed,
         Self::NoClientCert,
         Self::BadClientCert,
         Self::NoCommonParameters,
@@ -69,10 +73,32 @@ impl Failure {
         }
     }
 
+    /// Classifies a TLS handshake error (tokio-rustls wraps rustls's in an `io::Error`).
+    pub(crate) fn of_tls(err: &std::io::Error) -> Self {
+        use rustls::Error as E;
+        let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<E>()) else {
+            return match err.kind() {
+                std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe => Self::PeerClosed,
+                _ => Self::Other,
+            };
+        };
+        match tls {
+            E::AlertReceived(_) => Self::PeerAlert,
+            E::NoCertificatesPresented => Self::NoClientCert,
+            E::InvalidCertificate(_) => Self::BadClientCert,
+            E::PeerIncompatible(_) | E::NoApplicationProtocol => Self::NoCommonParameters,
+            _ => Self::Other,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Self::Timeout => "timeout",
             Self::PeerAlert => "peer_alert",
+            Self::PeerClosed => "peer_closed",
             Self::NoClientCert => "no_client_cert",
             Self::BadClientCert => "bad_client_cert",
             Self::NoCommonParameters => "no_common_parameters",
@@ -85,10 +111,11 @@ impl Failure {
     }
 }
 
-/// Counts since the last report, shared by the demultiplexer (refusals) and the session tasks
-/// (handshake failures).
-#[derive(Default)]
+/// Counts since the last report, shared by the listener (refusals, shedding) and the
+/// connection or session tasks (handshake failures).
 pub(crate) struct Tally {
+    /// `TLS` or `DTLS`: the transport the line is about.
+    transport: &'static str,
     inner: Mutex<Counts>,
     /// `dtls_panics()` at the last report.
     panics_reported: AtomicU64,
@@ -99,6 +126,10 @@ struct Counts {
     since: Instant,
     refused: [u64; Refusal::ALL.len()],
     failed: [u64; Failure::ALL.len()],
+    /// Handshakes abandoned to make room for a newer one (the pool was full).
+    shed: u64,
+    /// Handshakes refused because their source had its share open.
+    source_full: u64,
     sources: HashMap<IpAddr, u64>,
     /// Events from sources beyond `MAX_SOURCES`.
     unnamed: u64,
@@ -110,6 +141,8 @@ impl Default for Counts {
             since: Instant::now(),
             refused: [0; Refusal::ALL.len()],
             failed: [0; Failure::ALL.len()],
+            shed: 0,
+            source_full: 0,
             sources: HashMap::new(),
             unnamed: 0,
         }
@@ -129,30 +162,58 @@ impl Counts {
 }
 
 impl Tally {
+    /// A tally for `transport` (`TLS` or `DTLS`).
+    pub(crate) fn new(transport: &'static str) -> Self {
+        Self {
+            transport,
+            inner: Mutex::default(),
+            panics_reported: AtomicU64::new(0),
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A handshake from `ip` abandoned to make room.
+    pub(crate) fn shed(&self, ip: IpAddr) {
+        let mut counts = self.counts();
+        counts.shed += 1;
+        counts.source(ip);
+    }
+
+    /// A handshake from `ip` refused: its source had its share open.
+    pub(crate) fn source_full(&self, ip: IpAddr) {
+        let mut counts = self.counts();
+        counts.source_full += 1;
+        counts.source(ip);
+    }
+
     /// A datagram dropped before authentication.
     pub(crate) fn refused(&self, ip: IpAddr, reason: Refusal) {
-        let mut counts = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut counts = self.counts();
         counts.refused[reason.index()] += 1;
         counts.source(ip);
     }
 
     /// A handshake that did not complete.
     pub(crate) fn failed(&self, ip: IpAddr, reason: Failure) {
-        let mut counts = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut counts = self.counts();
         counts.failed[reason.index()] += 1;
         counts.source(ip);
     }
 
-    /// Writes the line for the interval that ends now, if anything happened (a drop, a failed
-    /// handshake, a panic: `panics` is the process's total), and starts a new one.
+    /// Writes the line for the interval that ends now, if anything happened (a drop, a failed,
+    /// shed or refused handshake, a panic: `panics` is the process's total), and starts a new
+    /// one.
     pub(crate) fn report(&self) {
-        let counts =
-            std::mem::take(&mut *self.inner.lock().unwrap_or_else(PoisonError::into_inner));
+        let counts = std::mem::take(&mut *self.counts());
         let dropped: u64 = counts.refused.iter().sum();
         let failed: u64 = counts.failed.iter().sum();
         let panics = dtls_panics();
         let new_panics = self.panics_reported.swap(panics, Ordering::Relaxed) != panics;
-        if dropped == 0 && failed == 0 && !new_panics {
+        if dropped == 0 && failed == 0 && counts.shed == 0 && counts.source_full == 0 && !new_panics
+        {
             return;
         }
         let reasons = named(
@@ -175,15 +236,19 @@ impl Tally {
             .collect::<Vec<_>>()
             .join(",");
         warn!(
+            transport = self.transport,
             seconds = counts.since.elapsed().as_secs(),
             dropped,
             reasons,
             handshake_failures = failed,
             failures,
+            shed = counts.shed,
+            source_full = counts.source_full,
             sources = distinct,
             top,
             panics,
-            "DTLS: unauthenticated peers: datagrams dropped and handshakes failed"
+            "unauthenticated peers: datagrams dropped, handshakes failed, shed (pool full) or \
+             refused (source's share open)"
         );
     }
 }
@@ -271,7 +336,7 @@ mod tests {
 
     #[test]
     fn counts_reset_per_report_and_sources_are_bounded() {
-        let tally = Tally::default();
+        let tally = Tally::new("DTLS");
         for i in 0..(u32::try_from(MAX_SOURCES).unwrap() + 10) {
             tally.refused(IpAddr::from(i.to_be_bytes()), Refusal::Extensions);
         }

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -16,6 +15,7 @@ use webrtc_util::Conn;
 use super::UdpShared;
 use super::peer::PeerConn;
 use super::report::{Failure, Tally};
+use crate::admission::Ticket;
 use crate::stats::Stats;
 use crate::tunnel::{self, udp::UdpLink};
 
@@ -40,8 +40,9 @@ impl Drop for SessionGauge<'_> {
 
 /// What the handshake phase of a session holds.
 pub(super) struct Handshake {
-    /// A handshake slot, released as soon as the handshake ends.
-    pub(super) permit: OwnedSemaphorePermit,
+    /// A place in the handshakes' pool, given up as soon as the handshake ends; it carries
+    /// the deadline and fires when the handshake is shed to make room.
+    pub(super) ticket: Ticket,
     /// Set once the handshake has completed: the demultiplexer stops checking datagrams.
     pub(super) authenticated: Arc<AtomicBool>,
     /// Where a failed handshake is counted (a stranger's failures are not logged one by one).
@@ -59,18 +60,21 @@ pub(super) async fn run(
     let limits = shared.limits;
     let stats = &shared.stats;
     let Handshake {
-        permit,
+        ticket,
         authenticated,
         tally,
     } = handshake;
     let peer = conn.remote_addr();
     let transport: Arc<dyn Conn + Send + Sync> = conn;
+    let deadline = ticket.deadline;
     let handshake = tokio::select! {
-        r = timeout(limits.handshake_timeout, DTLSConn::new(transport, shared.dtls.clone(), false, None)) => r,
+        r = timeout(deadline, DTLSConn::new(transport, shared.dtls.clone(), false, None)) => r,
+        // Made room for a newer handshake: counted when it was shed.
+        () = ticket.shed.cancelled() => return,
         // Not a tunnel yet: no grace period.
         () = shutdown.cancelled() => return,
     };
-    drop(permit);
+    drop(ticket);
     // A failed handshake comes from a peer that never authenticated: counted into the
     // aggregate line (by reason and source), and only at debug level one by one.
     let failure = match handshake {
@@ -80,7 +84,7 @@ pub(super) async fn run(
             Err(Failure::of(&err))
         }
         Err(_) => {
-            debug!(timeout = ?limits.handshake_timeout, "DTLS handshake timed out");
+            debug!(timeout = ?deadline, "DTLS handshake timed out");
             Err(Failure::Timeout)
         }
     };

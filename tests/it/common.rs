@@ -12,7 +12,7 @@ use godoxy_agent::certs::CertSet;
 use godoxy_agent::client::ClientTls;
 use godoxy_agent::{Config, Daemon};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -430,4 +430,84 @@ pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
         + 2;
     let value = line[start..].split(' ').next().unwrap();
     value.trim_matches('"')
+}
+
+/// A TCP connection to `to` from the loopback address `from` (127.0.0.2 and so on: another
+/// source as far as the agent's per-source caps are concerned).
+pub async fn tcp_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from.parse().expect("an IPv4 address"), 0))?;
+    socket.connect(to).await
+}
+
+/// The first datagram `client`'s DTLS handshake sends: a ClientHello without a cookie.
+pub async fn capture_client_hello(client: &ClientTls) -> Vec<u8> {
+    let raw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = raw.local_addr().unwrap();
+    let client = client.clone();
+    let attempt = tokio::spawn(async move {
+        client
+            .connect_dtls(to, None, Duration::from_secs(5))
+            .await
+            .map(|_| ())
+    });
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = raw.recv_from(&mut buf).await.unwrap();
+    attempt.abort();
+    buf.truncate(n);
+    buf
+}
+
+/// `hello` (one record holding one ClientHello) with `cookie` in it, as message 1: the answer
+/// to a HelloVerifyRequest.
+pub fn with_cookie(hello: &[u8], cookie: &[u8]) -> Vec<u8> {
+    let (record, rest) = hello.split_at(13);
+    let (handshake, body) = rest.split_at(12);
+    let sid_end = 35 + usize::from(body[34]);
+    let cookie_at = sid_end;
+    let old_cookie = usize::from(body[cookie_at]);
+    let mut new_body = body[..cookie_at].to_vec();
+    new_body.push(u8::try_from(cookie.len()).unwrap());
+    new_body.extend_from_slice(cookie);
+    new_body.extend_from_slice(&body[cookie_at + 1 + old_cookie..]);
+    let len = u32::try_from(new_body.len()).unwrap().to_be_bytes();
+    let mut out = record[..11].to_vec();
+    out.extend_from_slice(&u16::try_from(12 + new_body.len()).unwrap().to_be_bytes());
+    out.push(handshake[0]);
+    out.extend_from_slice(&len[1..]);
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0]);
+    out.extend_from_slice(&len[1..]);
+    out.extend_from_slice(&new_body);
+    out
+}
+
+/// The cookie of a HelloVerifyRequest datagram.
+pub fn cookie_of(hello_verify_request: &[u8]) -> Vec<u8> {
+    hello_verify_request[13 + 12 + 3..].to_vec()
+}
+
+/// From a new socket on `from`, runs the cookie round with the agent at `server` (hello,
+/// HelloVerifyRequest, hello with the cookie), so the agent opens a handshake, and then goes
+/// silent. The socket is returned so the peer's address stays taken. `None` when no
+/// HelloVerifyRequest came within `wait`.
+pub async fn stalled_handshake(
+    from: &str,
+    server: SocketAddr,
+    hello: &[u8],
+    wait: Duration,
+) -> Option<UdpSocket> {
+    let socket = UdpSocket::bind((from, 0)).await.unwrap();
+    socket.send_to(hello, server).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let (n, _) = tokio::time::timeout(wait, socket.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    if buf.get(13) != Some(&3) {
+        return None;
+    }
+    let answer = with_cookie(hello, &cookie_of(&buf[..n]));
+    socket.send_to(&answer, server).await.unwrap();
+    Some(socket)
 }

@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::common::{TestDaemon, TestPki, UdpEcho, pattern};
+use crate::common::{
+    TestDaemon, TestPki, UdpEcho, capture_client_hello, pattern, stalled_handshake,
+};
 use godoxy_agent::client::{ClientTls, UdpTunnel};
 use godoxy_agent::protocol::MAX_PAYLOAD;
 use godoxy_agent::protocol::TunnelHeader;
@@ -147,34 +149,26 @@ async fn twenty_five_concurrent_sessions() {
     daemon.stop().await;
 }
 
-/// A real ClientHello, captured by pointing our client at a plain UDP socket.
-async fn capture_client_hello(client: &ClientTls) -> Vec<u8> {
-    let raw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let to = raw.local_addr().unwrap();
-    let client = client.clone();
-    let attempt =
-        tokio::spawn(async move { client.connect_dtls(to, None, HANDSHAKE).await.map(|_| ()) });
-    let mut buf = vec![0u8; 4096];
-    let (n, _) = raw.recv_from(&mut buf).await.unwrap();
-    attempt.abort();
-    buf.truncate(n);
-    buf
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handshakes_do_not_delay_others() {
     let pki = TestPki::new();
-    let daemon = TestDaemon::start_udp(&pki, "handshake_timeout = \"10s\"").await;
+    let daemon = TestDaemon::start_udp(
+        &pki,
+        "handshake_timeout = \"10s\"\nmax_handshakes_per_source = 64",
+    )
+    .await;
     let echo = UdpEcho::start().await;
     let client = pki.client();
     let hello = capture_client_hello(&client).await;
     let server = daemon.udp.unwrap();
-    // 51 peers send one ClientHello each and go silent.
+    // 51 peers (from another address) complete the cookie round and go silent.
     let mut stalled = Vec::new();
     for _ in 0..51 {
-        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        s.send_to(&hello, server).await.unwrap();
-        stalled.push(s);
+        stalled.push(
+            stalled_handshake("127.0.0.2", server, &hello, WAIT)
+                .await
+                .expect("a HelloVerifyRequest"),
+        );
     }
     eventually(WAIT, "stalled peers in the table", || {
         daemon.stat(|s| &s.udp_table) >= 51

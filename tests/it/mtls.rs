@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::common::{TcpEcho, TestDaemon, TestPki, curl};
+use crate::common::{TcpEcho, TestDaemon, TestPki, curl, tcp_from};
 use godoxy_agent::Stats;
 use godoxy_agent::client::ClientTls;
 use godoxy_agent::protocol::TunnelHeader;
@@ -232,10 +232,14 @@ async fn partial_client_hello_is_closed_after_handshake_timeout() {
 #[tokio::test]
 async fn many_silent_tcp_clients_do_not_block_a_real_one() {
     let pki = TestPki::new();
-    let daemon = TestDaemon::start_with(&pki, "handshake_timeout = \"2s\"").await;
+    let daemon = TestDaemon::start_with(
+        &pki,
+        "handshake_timeout = \"2s\"\nmax_handshakes_per_source = 64",
+    )
+    .await;
     let mut silent = Vec::new();
     for _ in 0..50 {
-        silent.push(TcpStream::connect(daemon.addr).await.unwrap());
+        silent.push(tcp_from("127.0.0.2", daemon.addr).await.unwrap());
     }
     let echo = TcpEcho::start().await;
     let started = Instant::now();

@@ -100,6 +100,12 @@ pub struct Config {
     /// Packet with sequence number older than this value compared to the latest
     /// accepted packet will be discarded. (default is 64)
     pub replay_protection_window: usize,
+
+    /// Server: the caller has already run the HelloVerifyRequest exchange (statelessly, before
+    /// creating the connection) and feeds only the ClientHello that carries the cookie, as
+    /// message 1. The server then sends no HelloVerifyRequest of its own and answers that
+    /// ClientHello with its ServerHello flight, numbered from 1.
+    pub hello_verified_by_caller: bool,
 }
 
 impl Default for Config {
@@ -123,6 +129,7 @@ impl Default for Config {
             server_name: String::default(),
             mtu: 0,
             replay_protection_window: 0,
+            hello_verified_by_caller: false,
         }
     }
 }

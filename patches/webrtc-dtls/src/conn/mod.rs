@@ -207,6 +207,7 @@ impl DTLSConn {
             }
         }
 
+        let first_message_seq = !is_client && config.hello_verified_by_caller;
         let cfg = HandshakeConfig {
             local_psk_callback: config.psk.take(),
             local_psk_identity_hint: config.psk_identity_hint.take(),
@@ -218,6 +219,7 @@ impl DTLSConn {
             client_auth: config.client_auth,
             local_certificates: config.certificates.clone(),
             insecure_skip_verify: config.insecure_skip_verify,
+            hello_verified_by_caller: config.hello_verified_by_caller,
             insecure_verification: config.insecure_verification,
             verify_peer_certificate: config.verify_peer_certificate.take(),
             client_cert_verifier: if config.client_auth as u8
@@ -360,7 +362,8 @@ impl DTLSConn {
                 replay_detector: vec![],
                 decrypted_tx,
                 encrypted_packets: vec![],
-                fragment_buffer: FragmentBuffer::new(),
+                // Message 0 (the first ClientHello) went to the caller's cookie exchange.
+                fragment_buffer: FragmentBuffer::starting_at(u16::from(first_message_seq)),
                 cache: cache2,
                 cipher_suite: cipher_suite2,
                 remote_epoch,

@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use rand::Rng;
 
 use super::flight2::*;
+use super::flight4::*;
 use super::*;
 use crate::config::*;
 use crate::conn::*;
@@ -33,9 +34,11 @@ impl Flight for Flight0 {
         cache: &HandshakeCache,
         cfg: &HandshakeConfig,
     ) -> Result<Box<dyn Flight + Send + Sync>, (Option<Alert>, Option<Error>)> {
+        // A cookie exchange run by the caller took message 0 on both sides.
+        let first_seq = if cfg.hello_verified_by_caller { 1 } else { 0 };
         let (seq, msgs) = match cache
             .full_pull_map(
-                0,
+                first_seq,
                 &[HandshakeCachePullRule {
                     typ: HandshakeType::ClientHello,
                     epoch: cfg.initial_epoch,
@@ -174,6 +177,16 @@ impl Flight for Flight0 {
                 };
             }
 
+            if cfg.hello_verified_by_caller {
+                // The caller's HelloVerifyRequest was message 0 and record 0 of epoch 0.
+                state.cookie.clone_from(&client_hello.cookie);
+                state.handshake_send_sequence = 1;
+                let mut records = state.local_sequence_number.lock().await;
+                if records.is_empty() {
+                    records.push(1);
+                }
+                return Ok(Box::new(Flight4 {}));
+            }
             Ok(Box::new(Flight2 {}))
         } else {
             Err((

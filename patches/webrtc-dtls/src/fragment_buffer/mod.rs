@@ -37,6 +37,14 @@ impl FragmentBuffer {
         }
     }
 
+    /// A buffer whose first message is number `seq`.
+    pub fn starting_at(seq: u16) -> Self {
+        FragmentBuffer {
+            current_message_sequence_number: seq,
+            ..Self::new()
+        }
+    }
+
     // Attempts to push a DTLS packet to the FragmentBuffer
     // when it returns true it means the FragmentBuffer has inserted and the buffer shouldn't be handled
     // when an error returns it is fatal, and the DTLS connection should be stopped

@@ -1,0 +1,298 @@
+//! Admission of strangers: TCP connections whose TLS handshake has not completed and DTLS
+//! handshakes in progress. Each transport has one bounded pool of them, apart from its
+//! authenticated tunnels, so that strangers can never take a tunnel's place:
+//!
+//! - a source (an IPv4 address, an IPv6 /64) holds at most `per_source` entries; one more from
+//!   it is refused at once;
+//! - an entry admitted while the pool is more than half full gets the short deadline
+//!   (`busy_timeout`) instead of the full one;
+//! - when the pool is full, the oldest entry is shed (its handshake is abandoned) to make room,
+//!   rather than refusing the newcomer, so a stalled flood ages out and fresh clients get in.
+//!
+//! Authenticated connections and sessions leave the pool the moment their handshake completes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::stats::Stats;
+
+/// The limits of one pool.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PreauthLimits {
+    /// Entries at most.
+    pub(crate) capacity: usize,
+    /// Entries from one source at most.
+    pub(crate) per_source: usize,
+    /// The handshake deadline while the pool is at most half full.
+    pub(crate) timeout: Duration,
+    /// The handshake deadline of an entry admitted while it is more than half full.
+    pub(crate) busy_timeout: Duration,
+}
+
+/// Where a stranger comes from, as far as the per-source cap is concerned: an IPv4 address
+/// (an IPv4-mapped IPv6 address counts as its IPv4 address), or an IPv6 /64, which one host is
+/// commonly given whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Source(IpAddr);
+
+impl Source {
+    pub(crate) fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(IpAddr::V4(v4)),
+                None => {
+                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                    Self(IpAddr::V6(Ipv6Addr::from(prefix)))
+                }
+            },
+        }
+    }
+}
+
+impl Source {
+    /// The address (for a /64, its first address).
+    pub(crate) fn ip(self) -> IpAddr {
+        self.0
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => v4.fmt(f),
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
+}
+
+/// The counters a pool keeps in [`Stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    Tcp,
+    Dtls,
+}
+
+impl Transport {
+    fn gauge(self, stats: &Stats) -> &AtomicU64 {
+        match self {
+            Self::Tcp => &stats.preauth_tcp,
+            Self::Dtls => &stats.preauth_dtls,
+        }
+    }
+
+    fn shed(self, stats: &Stats) -> &AtomicU64 {
+        match self {
+            Self::Tcp => &stats.shed_tcp,
+            Self::Dtls => &stats.shed_dtls,
+        }
+    }
+
+    fn refused(self, stats: &Stats) -> &AtomicU64 {
+        match self {
+            Self::Tcp => &stats.preauth_refused_tcp,
+            Self::Dtls => &stats.preauth_refused_dtls,
+        }
+    }
+}
+
+/// One transport's pool.
+pub(crate) struct Admission {
+    limits: PreauthLimits,
+    transport: Transport,
+    stats: Arc<Stats>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Entries by admission order: the first is the oldest.
+    order: BTreeMap<u64, (Source, CancellationToken)>,
+    per_source: HashMap<Source, usize>,
+    next: u64,
+}
+
+impl Inner {
+    /// Takes entry `id` out, if it is still in.
+    fn remove(&mut self, id: u64) -> Option<(Source, CancellationToken)> {
+        let (source, shed) = self.order.remove(&id)?;
+        if let Some(n) = self.per_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+        Some((source, shed))
+    }
+}
+
+/// Why a stranger was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SourceFull;
+
+/// An admitted stranger's place in the pool; dropping it (handshake done, failed or shed)
+/// frees the place.
+pub(crate) struct Ticket {
+    pool: Arc<Admission>,
+    id: u64,
+    /// Fires when this entry is shed to make room.
+    pub(crate) shed: CancellationToken,
+    /// This entry's handshake deadline.
+    pub(crate) deadline: Duration,
+    /// The entry shed to admit this one, if any (for the aggregate log line).
+    pub(crate) displaced: Option<Source>,
+}
+
+impl Admission {
+    pub(crate) fn new(limits: PreauthLimits, transport: Transport, stats: Arc<Stats>) -> Self {
+        Self {
+            limits,
+            transport,
+            stats,
+            inner: Mutex::default(),
+        }
+    }
+
+    /// Admits a stranger from `ip`, shedding the oldest entry when the pool is full.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, SourceFull> {
+        let source = Source::of(ip);
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.per_source.get(&source).copied().unwrap_or(0) >= self.limits.per_source {
+            drop(inner);
+            Stats::bump(self.transport.refused(&self.stats));
+            return Err(SourceFull);
+        }
+        let mut displaced = None;
+        if inner.order.len() >= self.limits.capacity
+            && let Some(oldest) = inner.order.keys().next().copied()
+            && let Some((victim, shed)) = inner.remove(oldest)
+        {
+            shed.cancel();
+            displaced = Some(victim);
+            Stats::bump(self.transport.shed(&self.stats));
+        }
+        let deadline = if inner.order.len() >= self.limits.capacity / 2 {
+            self.limits.busy_timeout.min(self.limits.timeout)
+        } else {
+            self.limits.timeout
+        };
+        inner.next += 1;
+        let id = inner.next;
+        let shed = CancellationToken::new();
+        inner.order.insert(id, (source, shed.clone()));
+        *inner.per_source.entry(source).or_default() += 1;
+        Stats::set(self.transport.gauge(&self.stats), inner.order.len() as u64);
+        Ok(Ticket {
+            pool: self.clone(),
+            id,
+            shed,
+            deadline,
+            displaced,
+        })
+    }
+
+    /// Entries in the pool now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .order
+            .len()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut inner = self
+            .pool
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // A shed entry is out already.
+        if inner.remove(self.id).is_some() {
+            Stats::set(
+                self.pool.transport.gauge(&self.pool.stats),
+                inner.order.len() as u64,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(capacity: usize, per_source: usize) -> Arc<Admission> {
+        Arc::new(Admission::new(
+            PreauthLimits {
+                capacity,
+                per_source,
+                timeout: Duration::from_secs(10),
+                busy_timeout: Duration::from_secs(2),
+            },
+            Transport::Tcp,
+            Arc::new(Stats::default()),
+        ))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_source_is_capped_and_frees_its_places() {
+        let pool = pool(100, 2);
+        let a = pool.admit(ip("10.0.0.1")).unwrap();
+        let _b = pool.admit(ip("10.0.0.1")).unwrap();
+        assert_eq!(pool.admit(ip("10.0.0.1")).err(), Some(SourceFull));
+        // IPv4-mapped is the same source.
+        assert_eq!(pool.admit(ip("::ffff:10.0.0.1")).err(), Some(SourceFull));
+        let _other = pool.admit(ip("10.0.0.2")).unwrap();
+        drop(a);
+        let _c = pool.admit(ip("10.0.0.1")).unwrap();
+        assert_eq!(Stats::get(&pool.stats.preauth_refused_tcp), 2);
+        assert_eq!(Stats::get(&pool.stats.preauth_tcp), 3);
+    }
+
+    #[test]
+    fn ipv6_sources_are_slash_64() {
+        let pool = pool(100, 1);
+        let _a = pool.admit(ip("2001:db8:1:2::1")).unwrap();
+        assert!(pool.admit(ip("2001:db8:1:2:ffff::9")).is_err());
+        assert!(pool.admit(ip("2001:db8:1:3::1")).is_ok());
+        assert_eq!(
+            Source::of(ip("2001:db8:1:2::1")).to_string(),
+            "2001:db8:1:2::/64"
+        );
+    }
+
+    #[test]
+    fn a_full_pool_sheds_its_oldest_and_busy_entries_get_the_short_deadline() {
+        let pool = pool(4, 16);
+        let first = pool.admit(ip("10.0.0.1")).unwrap();
+        let second = pool.admit(ip("10.0.0.2")).unwrap();
+        assert_eq!(first.deadline, Duration::from_secs(10));
+        assert_eq!(second.deadline, Duration::from_secs(10));
+        let third = pool.admit(ip("10.0.0.3")).unwrap();
+        assert_eq!(third.deadline, Duration::from_secs(2));
+        let _fourth = pool.admit(ip("10.0.0.4")).unwrap();
+        let fifth = pool.admit(ip("10.0.0.5")).unwrap();
+        assert!(first.shed.is_cancelled());
+        assert!(!second.shed.is_cancelled());
+        assert_eq!(fifth.displaced, Some(Source::of(ip("10.0.0.1"))));
+        assert_eq!(pool.len(), 4);
+        // The shed entry's drop frees nothing twice.
+        drop(first);
+        assert_eq!(pool.len(), 4);
+        drop(second);
+        assert_eq!(pool.len(), 3);
+        assert_eq!(Stats::get(&pool.stats.shed_tcp), 1);
+    }
+}
