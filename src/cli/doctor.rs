@@ -168,6 +168,8 @@ pub async fn remote(
     let mut steps = Steps::default();
 
     let Some(addr) = steps.run("address", resolve(&server)).await else {
+        steps.skip("tcp connect", "");
+        skip_rest(&steps, REMOTE_STEPS_AFTER_CONNECT);
         return steps.finish();
     };
     let port = addr.port();
@@ -335,20 +337,20 @@ async fn tls_handshake(
         )),
         Ok(Err(err)) => {
             let text = format!("{err:#}");
-            let alert = err
+            let tls_error = err
                 .downcast_ref::<io::Error>()
                 .and_then(|e| e.get_ref())
-                .and_then(|e| e.downcast_ref::<rustls::Error>())
-                .and_then(|e| match e {
-                    rustls::Error::AlertReceived(alert) => Some(format!("{alert:?}")),
-                    _ => None,
-                });
-            let cause = match alert {
-                Some(alert) => format!(
-                    "the server refused the TLS handshake with alert {alert}: it does not \
+                .and_then(|e| e.downcast_ref::<rustls::Error>());
+            let cause = match tls_error {
+                Some(rustls::Error::AlertReceived(alert)) => format!(
+                    "the server refused the TLS handshake with alert {alert:?}: it does not \
                      accept our TLS offer (an old TLS server, or not the agent)"
                 ),
-                None => format!(
+                Some(rustls::Error::InvalidMessage(_)) => format!(
+                    "the peer on TCP {port} answers, but not with TLS (plain HTTP or another \
+                     protocol): it is not the agent"
+                ),
+                _ => format!(
                     "the peer on TCP {port} does not complete a TLS handshake ({text}): it is \
                      not the agent, or a proxy in front of it closes the connection"
                 ),
@@ -618,9 +620,8 @@ async fn dtls_handshake(
 ) -> Result<(UdpTunnel, String), Failed> {
     let port = udp.port();
     let published = format!(
-        "check the container publishes UDP (`-p {port}:{port}/udp`; compose: \
-         `- \"{port}:{port}/udp\"`), the firewall (`ufw allow {port}/udp`, the cloud's security \
-         group), and that the agent's listen.udp is not \"\""
+        "publish UDP (`-p {port}:{port}/udp`), open it in the firewall (`ufw allow {port}/udp`, \
+         security groups), check the agent's listen.udp is not \"\""
     );
     match client.try_connect_dtls(udp, None, within).await {
         Ok(tunnel) => Ok((tunnel, format!("{udp}"))),
