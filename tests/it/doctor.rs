@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use godoxy_agent::certs::CertSet;
-use godoxy_agent::{Config, Daemon};
+use godoxy_agent::Config;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -419,5 +419,63 @@ async fn local_mode_files() {
         cause(&out).contains("the configuration does not load"),
         "{out}"
     );
-    let _ = Daemon::check_tls;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_folder_mixing_two_sets() {
+    let pki = TestPki::new();
+    let other = TestPki::new();
+    let (daemon, server) = agent(&pki, "", "").await;
+    let (code, out) = doctor(&[
+        "--server",
+        &server,
+        "--ca",
+        &path_str(&pki.path("ca.pem")),
+        "--cert",
+        &path_str(&other.path("client.pem")),
+        "--key",
+        &path_str(&other.path("client.key")),
+    ])
+    .await;
+    assert_eq!(code, 13, "{out}");
+    assert!(
+        cause(&out).contains("the folder mixes files of two sets"),
+        "{out}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_docker_socket() {
+    let pki = TestPki::new();
+    let engine = format!(
+        "[docker]\nsocket = \"{}\"",
+        crate::docker::engine().display()
+    );
+    let config = local_config(&pki, "127.0.0.1:0", "", &engine);
+    let (code, out) = doctor(&["--config", &path_str(&config)]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok    docker socket"), "{out}");
+    assert!(out.contains("answers:"), "{out}");
+
+    let missing = pki.path("gone.sock");
+    let config = local_config(
+        &pki,
+        "127.0.0.1:0",
+        "",
+        &format!("[docker]\nsocket = \"{}\"", missing.display()),
+    );
+    let (code, out) = doctor(&["--config", &path_str(&config)]).await;
+    assert_eq!(code, 22, "{out}");
+    assert!(cause(&out).contains("is absent"), "{out}");
+    assert!(
+        out.contains("-v /var/run/docker.sock:/var/run/docker.sock"),
+        "{out}"
+    );
+
+    // A plain file where the socket should be.
+    std::fs::write(&missing, "").unwrap();
+    let (code, out) = doctor(&["--config", &path_str(&config)]).await;
+    assert_eq!(code, 22, "{out}");
+    assert!(cause(&out).contains("is not a unix socket"), "{out}");
 }
