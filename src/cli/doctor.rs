@@ -765,7 +765,9 @@ pub async fn local(path: Option<PathBuf>, timeout: Duration) -> ExitCode {
     if config.docker.access == DockerAccess::Off {
         steps.skip("docker socket", "docker.access = \"off\"");
     } else {
-        steps.run("docker socket", docker_socket(&config)).await;
+        steps
+            .run("docker socket", docker_socket(&config, timeout))
+            .await;
     }
     steps.run("tcp port", tcp_port(&config, timeout)).await;
     match config.listen.udp {
@@ -937,7 +939,7 @@ async fn local_server_certificate(config: &Config) -> Result<((), String), Faile
     }
 }
 
-async fn docker_socket(config: &Config) -> Result<((), String), Failed> {
+async fn docker_socket(config: &Config, within: Duration) -> Result<((), String), Failed> {
     let socket = &config.docker.socket;
     let mount = "mount the engine's socket (`-v /var/run/docker.sock:/var/run/docker.sock`; \
                  podman: /run/podman/podman.sock) and point docker.socket / DOCKER_SOCKET at it";
@@ -961,28 +963,30 @@ async fn docker_socket(config: &Config) -> Result<((), String), Failed> {
             mount,
         ));
     }
-    let engine = Daemon::probe_docker(config).await.map_err(|e| {
-        let denied = e.to_lowercase().contains("permission denied");
-        fail(
-            Class::DockerSocket,
-            e.clone(),
-            if denied {
-                format!("this user may not open {}: {e}", socket.display())
-            } else {
-                format!(
-                    "the engine behind {} does not answer: {e}",
-                    socket.display()
-                )
-            },
-            if denied {
-                "run the agent as a member of the socket's group (`docker`), or as root in its \
+    let engine = Daemon::probe_docker_within(config, within)
+        .await
+        .map_err(|e| {
+            let denied = e.to_lowercase().contains("permission denied");
+            fail(
+                Class::DockerSocket,
+                e.clone(),
+                if denied {
+                    format!("this user may not open {}: {e}", socket.display())
+                } else {
+                    format!(
+                        "the engine behind {} does not answer: {e}",
+                        socket.display()
+                    )
+                },
+                if denied {
+                    "run the agent as a member of the socket's group (`docker`), or as root in its \
                  container"
-            } else {
-                "start the engine (`systemctl start docker` / `podman.socket`) and check the \
+                } else {
+                    "start the engine (`systemctl start docker` / `podman.socket`) and check the \
                  socket path"
-            },
-        )
-    })?;
+                },
+            )
+        })?;
     Ok((
         (),
         format!(
@@ -1097,5 +1101,19 @@ async fn udp_port(
             }
         }
         Err(e) => Err(port_failed("udp", addr, &e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_release;
+
+    #[test]
+    fn releases() {
+        assert_eq!(parse_release("v0.31.0"), Ok((0, 31, 0)));
+        assert_eq!(parse_release("v1.2.3-rc1"), Ok((1, 2, 3)));
+        for bad in ["0.31.0", "v0.31", "v0.31.0.1", "vx.1.2", ""] {
+            assert!(parse_release(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use godoxy_agent::certs::CertSet;
 use godoxy_agent::Config;
+use godoxy_agent::certs::CertSet;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -133,6 +133,9 @@ async fn healthy_agent_passes_every_step() {
         &dir(&pki),
         "--godoxy-version",
         "v0.31.2",
+        // The engine can be slow to answer its first call on a loaded machine.
+        "--timeout",
+        "15s",
     ])
     .await;
     assert_eq!(code, 0, "{out}");
@@ -352,6 +355,25 @@ async fn local_mode_passes_and_sees_a_running_agent() {
     assert!(out.contains(&format!("{addr} is free")), "{out}");
     assert!(out.contains("skip  docker socket"), "{out}");
 
+    // Under systemd the environment line says so.
+    let out = tokio::task::spawn_blocking({
+        let config = path_str(&config);
+        move || {
+            Command::new(bin())
+                .args(["doctor", "--config", &config])
+                .env("INVOCATION_ID", "0123")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.contains("ok    environment") && out.contains("systemd unit"),
+        "{out}"
+    );
+
     // With the agent running, its own ports are no problem.
     let loaded = Config::load(Some(&config)).unwrap().0;
     let daemon = TestDaemon::start_config(loaded).await;
@@ -453,7 +475,8 @@ async fn local_mode_docker_socket() {
         crate::docker::engine().display()
     );
     let config = local_config(&pki, "127.0.0.1:0", "", &engine);
-    let (code, out) = doctor(&["--config", &path_str(&config)]).await;
+    // The engine can be slow to answer its first call on a loaded machine.
+    let (code, out) = doctor(&["--config", &path_str(&config), "--timeout", "15s"]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ok    docker socket"), "{out}");
     assert!(out.contains("answers:"), "{out}");
