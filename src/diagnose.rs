@@ -157,8 +157,17 @@ pub fn judge_server_chain(
         },
     };
     let (err, cert) = parsed;
+    Ok(Err(classify(err, &cert, &ca_certs)))
+}
+
+/// A verifier's refusal of `cert` in words, with the dates, names and key ids that explain it.
+fn classify(
+    err: rustls::Error,
+    cert: &X509Certificate<'_>,
+    ca_certs: &[CertificateDer<'static>],
+) -> CertProblem {
     let validity = cert.validity();
-    let problem = match err {
+    match err {
         rustls::Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
         ) => CertProblem::Expired {
@@ -172,13 +181,11 @@ pub fn judge_server_chain(
         },
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-        ) => CertProblem::WrongName {
-            names: names(&cert),
-        },
+        ) => CertProblem::WrongName { names: names(cert) },
         rustls::Error::InvalidCertificate(
             CertificateError::UnknownIssuer | CertificateError::BadSignature,
         ) => CertProblem::OtherCa {
-            issuer: format!("{} (key id {})", cert.issuer(), authority_key_id(&cert)),
+            issuer: format!("{} (key id {})", cert.issuer(), authority_key_id(cert)),
             ca: ca_certs
                 .first()
                 .and_then(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
@@ -188,8 +195,7 @@ pub fn judge_server_chain(
                 ),
         },
         other => CertProblem::Unusable(other.to_string()),
-    };
-    Ok(Err(problem))
+    }
 }
 
 /// As [`judge_server_chain`] for a chain in PEM (an agent's `tls.cert`).
@@ -319,13 +325,17 @@ impl ServerCertVerifier for Recorder {
     }
 }
 
-/// Whether the client certificate in `cert_pem` chains to `ca_pem` (what the agent checks of
-/// a client certificate when its `tls.ca` is that CA): `Err` says why not.
-pub fn judge_client_cert(ca_pem: &[u8], cert_pem: &[u8]) -> anyhow::Result<Result<(), String>> {
+/// Whether the client certificate in `cert_pem` chains to `ca_pem` and is valid now (what the
+/// agent checks of a client certificate when its `tls.ca` is that CA).
+pub fn judge_client_cert(
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+) -> anyhow::Result<Result<(), CertProblem>> {
     crate::tls::install_default_provider();
+    let ca_certs = crate::tls::parse_certs(ca_pem).context("CA certificate")?;
     let mut roots = RootCertStore::empty();
-    for cert in crate::tls::parse_certs(ca_pem).context("CA certificate")? {
-        roots.add(cert).context("CA certificate")?;
+    for cert in &ca_certs {
+        roots.add(cert.clone()).context("CA certificate")?;
     }
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
@@ -335,10 +345,12 @@ pub fn judge_client_cert(ca_pem: &[u8], cert_pem: &[u8]) -> anyhow::Result<Resul
     .context("building the client certificate verifier")?;
     let chain = crate::tls::parse_certs(cert_pem).context("client certificate")?;
     let Some((leaf, intermediates)) = chain.split_first() else {
-        return Ok(Err("no certificate".to_owned()));
+        return Ok(Err(CertProblem::Unusable("no certificate".to_owned())));
     };
-    Ok(verifier
-        .verify_client_cert(leaf, intermediates, UnixTime::now())
-        .map(|_| ())
-        .map_err(|e| e.to_string()))
+    let Err(err) = verifier.verify_client_cert(leaf, intermediates, UnixTime::now()) else {
+        return Ok(Ok(()));
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| anyhow!("the client certificate does not parse: {e}"))?;
+    Ok(Err(classify(err, &cert, &ca_certs)))
 }

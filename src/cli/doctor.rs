@@ -430,23 +430,42 @@ async fn client_certificate(
     addr: SocketAddr,
     within: Duration,
 ) -> Result<((), String), Failed> {
-    if let Ok(Err(why)) = diagnose::judge_client_cert(&files.ca, &files.cert) {
-        return Err(fail(
-            Class::ClientCert,
-            format!(
-                "{} is not signed by {}",
-                files.cert_path.display(),
-                files.ca_path.display()
+    if let Ok(Err(problem)) = diagnose::judge_client_cert(&files.ca, &files.cert) {
+        let cert = files.cert_path.display();
+        let (cause, next) = match &problem {
+            CertProblem::OtherCa { .. } => (
+                format!(
+                    "our own client certificate {cert} is not signed by {}: the folder mixes \
+                     files of two sets",
+                    files.ca_path.display()
+                ),
+                "use ca.pem, client.pem and client.key from the same `certs init` (or the \
+                 same GoDoxy HOST:PORT.zip)"
+                    .to_owned(),
             ),
-            format!(
-                "our own client certificate does not chain to our CA ({why}): the folder mixes \
-                 files of two sets"
+            CertProblem::NotYetValid { .. } => (
+                format!("clock skew: client certificate {cert}: {problem}"),
+                "set this host's clock right (`timedatectl set-ntp true`, chrony)".to_owned(),
             ),
-            "use ca.pem, client.pem and client.key from the same `certs init` (or the same \
-             GoDoxy HOST:PORT.zip)",
-        ));
+            _ => (
+                format!("client certificate {cert}: {problem}"),
+                "make a new set: `godoxy-agent certs init --out DIR --godoxy-addr HOST:PORT`"
+                    .to_owned(),
+            ),
+        };
+        return Err(fail(Class::ClientCert, problem.to_string(), cause, next));
     }
     let refused = |alert: String| {
+        // Our certificate is valid here (checked above): a date refusal is the agent's clock.
+        if alert == "CertificateExpired" {
+            return fail(
+                Class::ClientCert,
+                format!("the agent answered with alert {alert}"),
+                "clock skew: client certificate refused by the agent as expired or not yet \
+                 valid, though it is valid by this host's clock",
+                "set the agent host's clock right (`timedatectl set-ntp true`, chrony)",
+            );
+        }
         fail(
             Class::ClientCert,
             format!("the agent answered with alert {alert}"),

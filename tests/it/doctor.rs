@@ -72,6 +72,12 @@ async fn agent(pki: &TestPki, top: &str, sections: &str) -> (TestDaemon, String)
 /// A CA and a server and client certificate whose server certificate has `names` and the
 /// validity period given (days from now).
 fn pki_with_server(names: &[&str], from_days: i64, to_days: i64) -> TestPki {
+    pki_with(names, (from_days, to_days), (-1, 1))
+}
+
+/// As `pki_with_server`, with the client certificate's validity period too.
+fn pki_with(names: &[&str], server: (i64, i64), client: (i64, i64)) -> TestPki {
+    let (from_days, to_days) = server;
     let now = OffsetDateTime::now_utc();
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -102,8 +108,8 @@ fn pki_with_server(names: &[&str], from_days: i64, to_days: i64) -> TestPki {
     let (client_cert, client_key) = leaf(
         vec!["godoxy.agent".to_owned()],
         ExtendedKeyUsagePurpose::ClientAuth,
-        -1,
-        1,
+        client.0,
+        client.1,
     );
     let set = CertSet {
         ca_cert: ca_cert.pem(),
@@ -501,4 +507,18 @@ async fn local_mode_docker_socket() {
     let (code, out) = doctor(&["--config", &path_str(&config)]).await;
     assert_eq!(code, 22, "{out}");
     assert!(cause(&out).contains("is not a unix socket"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_client_certificate_is_named_before_the_agent_refuses_it() {
+    let pki = pki_with(&["godoxy.agent"], (-1, 30), (-30, -2));
+    let (daemon, server) = agent(&pki, "", "").await;
+    let (code, out) = doctor(&["--server", &server, "--certs", &dir(&pki)]).await;
+    assert_eq!(code, 13, "{out}");
+    assert!(out.contains("ok    server certificate"), "{out}");
+    assert!(
+        cause(&out).contains("client.pem: the certificate expired on"),
+        "{out}"
+    );
+    daemon.stop().await;
 }
