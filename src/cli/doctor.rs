@@ -177,6 +177,7 @@ pub async fn remote(
         skip_rest(&steps, REMOTE_STEPS_AFTER_CONNECT);
         return steps.finish();
     };
+    // A step whose input an earlier failure did not produce is printed as skipped.
     let hello = steps
         .run("tls handshake", tls_handshake(tcp, port, timeout))
         .await;
@@ -185,7 +186,7 @@ pub async fn remote(
             .run("server certificate", server_certificate(&files, &hello))
             .await;
     } else {
-        steps.run::<()>("server certificate", never()).await;
+        steps.skip("server certificate", "");
     }
     steps
         .run(
@@ -199,7 +200,7 @@ pub async fn remote(
             .run("version", version(&info.version, server_version))
             .await;
     } else {
-        steps.run::<()>("version", never()).await;
+        steps.skip("version", "");
     }
     steps
         .run("tcp probe", tcp_probe(&client, addr, timeout))
@@ -214,12 +215,15 @@ pub async fn remote(
                 .run("dtls handshake", dtls_handshake(&client, udp_addr, timeout))
                 .await
         }
-        None => None,
+        None => {
+            steps.skip("dtls handshake", "");
+            None
+        }
     };
     if let Some(tunnel) = tunnel {
         steps.run("udp probe", udp_probe(tunnel, timeout)).await;
     } else {
-        steps.run::<()>("udp probe", never()).await;
+        steps.skip("udp probe", "");
     }
     steps
         .run("docker api", docker_ping(&client, addr, timeout))
@@ -243,11 +247,6 @@ fn skip_rest(steps: &Steps, names: &[&str]) {
     for name in names {
         steps.skip(name, "");
     }
-}
-
-/// A step that only runs when the one before it passed (it is skipped after a failure).
-async fn never() -> Result<((), String), Failed> {
-    Ok(((), String::new()))
 }
 
 async fn resolve(server: &str) -> Result<(SocketAddr, String), Failed> {
