@@ -434,6 +434,8 @@ fn certs_init(out: &Path, force: bool, godoxy_addr: Option<&str>) -> ExitCode {
              \x20      providers:\n\
              \x20        agents:\n\
              \x20          - {addr}\n\
+             If GoDoxy does not add it: `godoxy-agent doctor --server {addr} --certs {d}` \
+             names the failing step (and `godoxy-agent doctor` on the agent's host).\n\
              Keep {d}/ca.key off both hosts' shared places: whoever holds it can issue client \
              certificates."
         );
