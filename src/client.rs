@@ -142,10 +142,21 @@ impl ClientTls {
         local: Option<SocketAddr>,
         handshake_timeout: Duration,
     ) -> anyhow::Result<UdpTunnel> {
+        self.try_connect_dtls(server, local, handshake_timeout)
+            .await
+            .map_err(|e| anyhow!("DTLS handshake with {server}: {e}"))
+    }
+
+    /// As [`ClientTls::connect_dtls`], saying why the handshake failed (for `doctor`).
+    pub async fn try_connect_dtls(
+        &self,
+        server: SocketAddr,
+        local: Option<SocketAddr>,
+        handshake_timeout: Duration,
+    ) -> Result<UdpTunnel, DtlsConnectError> {
         let (conn, socket) = self
             .handshake_dtls(server, local, handshake_timeout)
-            .await
-            .map_err(|e| anyhow!("DTLS handshake with {server}: {e}"))?;
+            .await?;
         let local = socket.local_addr()?;
         Ok(UdpTunnel {
             conn,
@@ -217,14 +228,7 @@ impl ClientTls {
     ) -> anyhow::Result<Duration> {
         timed(within, async {
             let tunnel = self.connect_dtls(server, None, within).await?;
-            tunnel.send(&TunnelHeader::probe().encode()).await?;
-            let mut buf = UdpTunnel::buffer();
-            let closed = tunnel.recv(&mut buf, within).await;
-            tunnel.close().await;
-            match closed? {
-                None => Ok(()),
-                Some(_) => bail!("the agent sent data in reply to a probe"),
-            }
+            tunnel.probe(within).await
         })
         .await
     }
@@ -281,6 +285,22 @@ impl ClientTls {
         server: SocketAddr,
         within: Duration,
     ) -> anyhow::Result<AgentInfoReply> {
+        let (status, body) = self.get(server, "/godoxy/agent/info", within).await?;
+        if !status.is_success() {
+            bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+        }
+        serde_json::from_slice::<AgentInfoReply>(&body)
+            .map_err(|e| anyhow!("the reply is not the expected JSON: {e}"))
+    }
+
+    /// `GET path` on the agent's HTTP side (a new connection; at most 64 KiB of body kept):
+    /// the status and the body.
+    pub async fn get(
+        &self,
+        server: SocketAddr,
+        path: &str,
+        within: Duration,
+    ) -> anyhow::Result<(hyper::StatusCode, hyper::body::Bytes)> {
         deadline(within, async {
             let tls = self
                 .connect_http(server)
@@ -289,7 +309,7 @@ impl ClientTls {
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
             tokio::spawn(conn);
-            let request = hyper::Request::get("/godoxy/agent/info")
+            let request = hyper::Request::get(path)
                 .header(hyper::header::HOST, SERVER_NAME)
                 .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
             let response = sender.send_request(request).await?;
@@ -299,11 +319,7 @@ impl ClientTls {
                 .await
                 .map_err(|e| anyhow!("reading the reply: {e}"))?
                 .to_bytes();
-            if !status.is_success() {
-                bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
-            }
-            serde_json::from_slice::<AgentInfoReply>(&body)
-                .map_err(|e| anyhow!("the reply is not the expected JSON: {e}"))
+            Ok((status, body))
         })
         .await
     }
@@ -342,11 +358,14 @@ async fn deadline<T>(
 
 /// Why a DTLS handshake failed.
 #[derive(Debug, thiserror::Error)]
-enum DtlsConnectError {
+pub enum DtlsConnectError {
+    /// The local socket failed (bind, connect, or an ICMP error such as port unreachable).
     #[error("socket: {0}")]
     Io(#[from] io::Error),
+    /// No handshake within the deadline: nothing answered, or the answers were lost.
     #[error("timed out after {0:?}")]
     TimedOut(Duration),
+    /// The handshake itself failed (an alert, a certificate the client refused).
     #[error("failed: {0}")]
     Dtls(#[from] webrtc_dtls::Error),
 }
@@ -428,6 +447,19 @@ impl UdpTunnel {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         while Arc::strong_count(&socket) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Sends a probe header and waits for the agent's close_notify, then closes: the UDP health
+    /// probe on an established session.
+    pub async fn probe(self, within: Duration) -> anyhow::Result<()> {
+        self.send(&TunnelHeader::probe().encode()).await?;
+        let mut buf = Self::buffer();
+        let closed = self.recv(&mut buf, within).await;
+        self.close().await;
+        match closed? {
+            None => Ok(()),
+            Some(_) => bail!("the agent sent data in reply to a probe"),
         }
     }
 

@@ -150,7 +150,12 @@ impl Daemon {
     /// Whether the Docker engine at `docker.socket` answers, and as what (engine, version,
     /// API version): what `check-config` and the start-up log report.
     pub async fn probe_docker(config: &Config) -> Result<String, String> {
-        crate::http::probe_docker(&config.docker.socket, DOCKER_PROBE_TIMEOUT).await
+        Self::probe_docker_within(config, DOCKER_PROBE_TIMEOUT).await
+    }
+
+    /// As [`Daemon::probe_docker`] with the deadline given (`doctor --timeout`).
+    pub async fn probe_docker_within(config: &Config, within: Duration) -> Result<String, String> {
+        crate::http::probe_docker(&config.docker.socket, within).await
     }
 
     /// The bound TLS address (tests bind port 0 and read it here).

@@ -25,7 +25,8 @@
 //!   `http/docker.rs` relays the Docker Engine API under `docker.access`;
 //! - `metrics`: the host sampler, its 5-period history and the history file, served by
 //!   `http/system_info.rs` as `/godoxy/agent/system_info` (GoDoxy's dashboard);
-//! - `stats`: counters; `client` and `forward`: the other end, for the CLI, tests and benchmark.
+//! - `stats`: counters; `client` and `forward`: the other end, for the CLI, tests and benchmark;
+//!   `diagnose`: why a certificate fails GoDoxy's checks, in words (for `doctor`).
 //!
 //! The binary (`main.rs`, `cli/`) adds the command line; the benchmark is the workspace member
 //! `bench/`.
@@ -38,6 +39,7 @@ pub mod certs;
 pub mod client;
 pub mod config;
 mod daemon;
+pub mod diagnose;
 mod dtls;
 pub mod forward;
 mod http;

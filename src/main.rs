@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use cli::client::{CertArgs, client_command};
+use cli::client::{CertArgs, client_command, coded_command};
 use godoxy_agent::config::{Config, DEFAULT_CONFIG_PATH, Diagnostics, DockerAccess, PemSource};
 use godoxy_agent::{Daemon, certs};
 use tokio_util::sync::CancellationToken;
@@ -95,6 +95,31 @@ enum Command {
         #[command(flatten)]
         certs: CertArgs,
     },
+    /// Find what stops GoDoxy from using an agent: with --server, run the steps a GoDoxy server
+    /// runs (TCP, TLS, certificates both ways, /info and its version, the TCP probe, DTLS and
+    /// the UDP probe, the Docker API through the agent); without it, check this host for `run`
+    /// (configuration, files, key permissions, Docker socket, ports, systemd or container).
+    /// One line per step; the first failure gets a cause and a next step.
+    #[command(after_help = cli::doctor::EXIT_CODES)]
+    Doctor {
+        /// The agent, HOST:PORT, as GoDoxy dials it (remote mode).
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "config")]
+        server: Option<String>,
+        /// The agent's UDP address when it is not the same as --server.
+        #[arg(long, value_name = "HOST:PORT", requires = "server")]
+        udp: Option<String>,
+        /// The GoDoxy server's release (e.g. v0.31.0): also check the agent's major matches.
+        #[arg(long, value_name = "VERSION", requires = "server")]
+        godoxy_version: Option<String>,
+        /// Local mode: configuration file [default: as for `run`].
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Deadline for each step.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        certs: CertArgs,
+    },
     /// Forward a local port through the agent to TARGET (one tunnel per connection; with
     /// --udp, one DTLS session per local client address).
     Forward {
@@ -173,6 +198,26 @@ fn main() -> ExitCode {
             Ok((config, _)) => client_command(cli::client::health(config, timeout)),
             Err(code) => code,
         },
+        Command::Doctor {
+            server: Some(server),
+            udp,
+            godoxy_version,
+            config: _,
+            timeout,
+            certs,
+        } => coded_command(cli::doctor::remote(
+            server,
+            udp,
+            godoxy_version,
+            timeout,
+            certs,
+        )),
+        Command::Doctor {
+            server: None,
+            config,
+            timeout,
+            ..
+        } => coded_command(cli::doctor::local(config_path(config.as_deref()), timeout)),
         Command::Forward {
             server,
             listen,
@@ -389,6 +434,8 @@ fn certs_init(out: &Path, force: bool, godoxy_addr: Option<&str>) -> ExitCode {
              \x20      providers:\n\
              \x20        agents:\n\
              \x20          - {addr}\n\
+             If GoDoxy does not add it: `godoxy-agent doctor --server {addr} --certs {d}` \
+             names the failing step (and `godoxy-agent doctor` on the agent's host).\n\
              Keep {d}/ca.key off both hosts' shared places: whoever holds it can issue client \
              certificates."
         );

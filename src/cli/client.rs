@@ -2,7 +2,7 @@
 //! agent, as one-shot commands with plain-text (or JSON) output and an exit code.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -31,38 +31,88 @@ pub struct CertArgs {
 }
 
 impl CertArgs {
-    fn client(&self) -> anyhow::Result<ClientTls> {
-        let read = |given: &Option<PathBuf>, name: &str| {
-            let path = given.clone().unwrap_or_else(|| self.certs.join(name));
-            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    /// Reads the three files.
+    pub fn read(&self) -> anyhow::Result<CertFiles> {
+        let path = |given: &Option<PathBuf>, name: &str| {
+            given.clone().unwrap_or_else(|| self.certs.join(name))
         };
-        ClientTls::from_pem(
-            &read(&self.ca, "ca.pem")?,
-            Some((
-                &read(&self.cert, "client.pem")?,
-                &read(&self.key, "client.key")?,
-            )),
-        )
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let (ca_path, cert_path, key_path) = (
+            path(&self.ca, "ca.pem"),
+            path(&self.cert, "client.pem"),
+            path(&self.key, "client.key"),
+        );
+        Ok(CertFiles {
+            ca: read(&ca_path)?,
+            cert: read(&cert_path)?,
+            key: read(&key_path)?,
+            ca_path,
+            cert_path,
+            key_path,
+        })
+    }
+
+    fn client(&self) -> anyhow::Result<ClientTls> {
+        self.read()?.client()
+    }
+}
+
+/// The client's files, read once: the checks name them and judge their contents.
+pub struct CertFiles {
+    pub ca_path: PathBuf,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl CertFiles {
+    pub fn client(&self) -> anyhow::Result<ClientTls> {
+        ClientTls::from_pem(&self.ca, Some((&self.cert, &self.key)))
+    }
+
+    pub fn describe(&self) -> String {
+        let dir = |p: &Path| p.parent().map(Path::to_path_buf).unwrap_or_default();
+        if dir(&self.ca_path) == dir(&self.cert_path) && dir(&self.cert_path) == dir(&self.key_path)
+        {
+            format!("{}/", dir(&self.ca_path).display())
+        } else {
+            format!(
+                "{}, {}, {}",
+                self.ca_path.display(),
+                self.cert_path.display(),
+                self.key_path.display()
+            )
+        }
     }
 }
 
 /// Runs a client command; its error (if any) is printed and the exit code is 1.
 pub fn client_command(work: impl Future<Output = anyhow::Result<bool>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    coded_command(async {
+        match work.await {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(err) => {
+                eprintln!("godoxy-agent: {err:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Runs a command that picks its own exit code.
+pub fn coded_command(work: impl Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(runtime) => runtime.block_on(work),
         Err(err) => {
             eprintln!("godoxy-agent: starting the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(work) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(err) => {
-            eprintln!("godoxy-agent: {err:#}");
             ExitCode::FAILURE
         }
     }

@@ -1,5 +1,6 @@
-//! The command line's own modules (the binary's, not the library's): the client commands and
-//! signal handling.
+//! The command line's own modules (the binary's, not the library's): the client commands, `doctor`
+//! and signal handling.
 
 pub mod client;
+pub mod doctor;
 pub mod signals;

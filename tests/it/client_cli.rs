@@ -122,7 +122,7 @@ async fn probe_all_on_one_port_and_failures_exit_1() {
 }
 
 /// A port number free for both TCP and UDP on 127.0.0.1.
-async fn free_port_pair() -> u16 {
+pub async fn free_port_pair() -> u16 {
     for _ in 0..50 {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = tcp.local_addr().unwrap().port();

@@ -12,6 +12,7 @@ mod cli;
 mod client_cli;
 mod config;
 mod docker;
+mod doctor;
 mod dtls;
 mod header;
 mod health;
