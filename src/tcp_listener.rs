@@ -16,7 +16,7 @@ use tracing::{Instrument as _, debug, field, info_span, warn};
 use crate::alpn::Alpn;
 use crate::http::{self, HttpShared};
 use crate::policy::Policy;
-use crate::stats::Stats;
+use crate::stats::{Stats, Transport};
 use crate::tunnel::tcp::{TcpLink, tune};
 use crate::tunnel::{self, Timeouts};
 
@@ -117,11 +117,17 @@ async fn serve_connection(
         }
         Ok(Err(err)) => {
             Stats::bump(&shared.stats.tls_handshake_failures);
-            warn!("TLS handshake failed: {err}");
+            let reason = failure_reason(&err);
+            shared.stats.prom.handshake_failed(Transport::Tcp, reason);
+            warn!(reason, "TLS handshake failed: {err}");
             return;
         }
         Err(_) => {
             Stats::bump(&shared.stats.tls_handshake_failures);
+            shared
+                .stats
+                .prom
+                .handshake_failed(Transport::Tcp, "timeout");
             warn!(timeout = ?shared.handshake_timeout, "TLS handshake timed out");
             return;
         }
@@ -180,4 +186,20 @@ async fn handshake(tcp: TcpStream, shared: &Shared) -> std::io::Result<TlsStream
         shared.tls_no_alpn.clone()
     };
     start.into_stream(config).await
+}
+
+/// The `reason` label of a failed TLS handshake: the names the DTLS side counts by
+/// (`dtls::report`), plus `io` for a connection that broke before TLS could say anything.
+fn failure_reason(err: &std::io::Error) -> &'static str {
+    use rustls::Error as E;
+    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<E>()) else {
+        return "io";
+    };
+    match tls {
+        E::NoCertificatesPresented => "no_client_cert",
+        E::InvalidCertificate(_) => "bad_client_cert",
+        E::AlertReceived(_) => "peer_alert",
+        E::PeerIncompatible(_) | E::NoApplicationProtocol => "no_common_parameters",
+        _ => "other",
+    }
 }

@@ -12,10 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::relay::Relay;
 use super::{Counts, End, Link};
 use crate::protocol::{HEADER_LEN, HeaderError};
-use crate::stats::Stats;
-
-/// The `transport` field of TCP tunnels.
-pub(crate) const TRANSPORT: &str = "tcp";
+use crate::stats::{Stats, Transport};
 
 /// An authenticated TLS stream that carries one tunnel.
 pub(crate) struct TcpLink<'a, S> {
@@ -33,7 +30,7 @@ impl<S> Link for TcpLink<'_, S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    const TRANSPORT: &'static str = TRANSPORT;
+    const TRANSPORT: Transport = Transport::Tcp;
     type Upstream = TcpStream;
 
     async fn read_header(&mut self) -> Result<[u8; HEADER_LEN], End> {

@@ -12,10 +12,8 @@ use webrtc_dtls::conn::DTLSConn;
 
 use super::{Counts, End, Link};
 use crate::protocol::{DTLS_READ_BUF, HEADER_LEN, HeaderError, MAX_PAYLOAD};
-use crate::stats::Stats;
+use crate::stats::{Stats, Transport};
 
-/// The `transport` field of UDP tunnels.
-pub(crate) const TRANSPORT: &str = "udp";
 /// Datagrams taken from the destination per readiness event before the client's side gets a
 /// turn.
 const DOWN_BATCH: usize = 32;
@@ -41,7 +39,7 @@ impl<'a> UdpLink<'a> {
 }
 
 impl Link for UdpLink<'_> {
-    const TRANSPORT: &'static str = TRANSPORT;
+    const TRANSPORT: Transport = Transport::Udp;
     type Upstream = UdpSocket;
 
     async fn read_header(&mut self) -> Result<[u8; HEADER_LEN], End> {

@@ -19,6 +19,7 @@ mod http_api;
 mod mtls;
 mod policy;
 mod preauth;
+mod prometheus;
 mod proxy;
 mod setup;
 mod shutdown;
