@@ -20,6 +20,49 @@ use crate::proxy::peers::{closed_port, peers_dir, python};
 const HANDSHAKE: Duration = Duration::from_secs(5);
 /// A destination no rule accepts, with a newline and an ANSI colour sequence in it.
 const EVIL_HOST: &str = "evil\n\x1b[31mhost";
+/// The common name of a client certificate, likewise.
+const EVIL_CN: &str = "client\n\x1b[2Jname";
+
+/// A set whose client certificate's common name is [`EVIL_CN`] (keys as PKCS#8, which the
+/// agent reads as well as SEC1).
+fn pki_with_evil_client() -> TestPki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair,
+    };
+    let name = |cn: &str| {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "GoDoxy");
+        dn.push(DnType::CommonName, cn);
+        dn
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name = name("test ca");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf = |cn: &str, eku| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["godoxy.agent".to_owned()]).unwrap();
+        params.distinguished_name = name(cn);
+        params.extended_key_usages = vec![eku];
+        let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf("godoxy.agent", ExtendedKeyUsagePurpose::ServerAuth);
+    let (client_cert, client_key) = leaf(EVIL_CN, ExtendedKeyUsagePurpose::ClientAuth);
+    let set = godoxy_agent::certs::CertSet {
+        ca_cert: ca_cert.pem(),
+        ca_key: ca_key.serialize_pem(),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    set.write(dir.path(), false).unwrap();
+    TestPki { dir, set }
+}
 
 fn header_to(addr: SocketAddr) -> TunnelHeader {
     TunnelHeader::new(&addr.ip().to_string(), &addr.port().to_string(), 0).unwrap()
@@ -392,9 +435,10 @@ async fn metrics_on_the_tls_port_are_off_by_default() {
 }
 
 /// Starts the binary with `log_format`, opens one echo tunnel (5 bytes) and one to
-/// [`EVIL_HOST`], stops it with SIGTERM and returns every stderr line.
+/// [`EVIL_HOST`], with a client certificate named [`EVIL_CN`]; stops it with SIGTERM and
+/// returns every stderr line.
 async fn binary_log(log_format: &str, json: bool) -> Vec<String> {
-    let pki = TestPki::new();
+    let pki = pki_with_evil_client();
     let config = pki.path("agent.toml");
     let text = TestDaemon::config_text(&pki, "")
         + &format!("[log]\nformat = \"{log_format}\"\n[metrics]\nenabled = false\n");
@@ -477,7 +521,7 @@ async fn json_log_lines_have_the_documented_fields() {
             .unwrap()
             .starts_with("127.0.0.1:")
     );
-    assert!(ok["span"]["subject"].as_str().unwrap().contains("CN="));
+    assert_eq!(ok["span"]["subject"], format!("O=GoDoxy, CN={EVIL_CN}"));
     let bad = closed.iter().find(|e| e["reason"] == "rejected").unwrap();
     assert_eq!(bad["level"], "WARN");
     // The destination as sent, control characters and all, inside a JSON string.
