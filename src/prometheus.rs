@@ -288,7 +288,7 @@ impl Collector for StatsCollector {
         Self::counter(
             e,
             "tunnels_opened",
-            "Tunnels started on an authenticated connection, by transport",
+            "Tunnels started on an authenticated connection, by transport.",
             &per(&s.tunnels_opened),
         )?;
         let open = |t: Transport| {
@@ -299,7 +299,7 @@ impl Collector for StatsCollector {
         Self::gauge(
             e,
             "tunnels_open",
-            "Tunnels open now, by transport",
+            "Tunnels open now, by transport.",
             None,
             &[(TCP, open(Transport::Tcp)), (UDP, open(Transport::Udp))],
         )?;
@@ -307,7 +307,7 @@ impl Collector for StatsCollector {
         let mut family = e.encode_descriptor(
             "tunnel",
             "Payload bytes of closed tunnels, by transport and direction (up: client to \
-             destination)",
+             destination).",
             Some(&Unit::Bytes),
             MetricType::Counter,
         )?;
@@ -334,27 +334,27 @@ impl Collector for StatsCollector {
         Self::gauge(
             e,
             "dtls_sessions",
-            "UDP (DTLS) sessions past the handshake",
+            "UDP (DTLS) sessions past the handshake.",
             None,
             &[(&[], gauge(get(&s.udp_sessions)))],
         )?;
         Self::gauge(
             e,
             "dtls_peers",
-            "Peers in the DTLS demultiplexer's table (handshaking or in session)",
+            "Peers in the DTLS demultiplexer's table (handshaking or in session).",
             None,
             &[(&[], gauge(get(&s.udp_table)))],
         )?;
         Self::counter(
             e,
             "handshakes",
-            "TLS (tcp) and DTLS (udp) handshakes completed",
+            "TLS (tcp) and DTLS (udp) handshakes completed.",
             &[(TCP, get(&s.tls_handshakes)), (UDP, get(&s.udp_handshakes))],
         )?;
         Self::gauge(
             e,
             "preauth_connections",
-            "Connections (tcp) and DTLS handshakes (udp) not yet authenticated",
+            "Connections (tcp) and DTLS handshakes (udp) not yet authenticated.",
             None,
             &[
                 (TCP, gauge(get(&s.preauth_tcp))),
@@ -364,13 +364,13 @@ impl Collector for StatsCollector {
         Self::counter(
             e,
             "preauth_shed",
-            "Unauthenticated connections and handshakes shed by the pre-authentication caps",
+            "Unauthenticated connections and handshakes shed by the pre-authentication caps.",
             &[(TCP, get(&s.shed_tcp)), (UDP, get(&s.shed_dtls))],
         )?;
         Self::counter(
             e,
             "dtls_refused_handshakes",
-            "ClientHellos refused: max_udp_handshakes in flight, or max_udp_sessions open",
+            "ClientHellos refused: max_udp_handshakes in flight, or max_udp_sessions open.",
             &[
                 (&[("reason", "max_handshakes")], get(&s.udp_shed_handshakes)),
                 (&[("reason", "max_sessions")], get(&s.udp_refused_sessions)),
@@ -379,7 +379,7 @@ impl Collector for StatsCollector {
         Self::counter(
             e,
             "dtls_dropped_datagrams",
-            "Datagrams dropped on the UDP side, by reason",
+            "Datagrams dropped on the UDP side, by reason.",
             &[
                 (&[("reason", "unsolicited")], get(&s.udp_unsolicited)),
                 (&[("reason", "queue_full")], get(&s.udp_queue_drops)),
@@ -390,7 +390,7 @@ impl Collector for StatsCollector {
         Self::counter(
             e,
             "dtls_panics",
-            "Panics inside webrtc-dtls caught in this process",
+            "Panics inside webrtc-dtls caught in this process.",
             &[(&[], get(&s.dtls_panics))],
         )?;
         let now = SystemTime::now()
@@ -402,7 +402,7 @@ impl Collector for StatsCollector {
         Self::gauge(
             e,
             "certificate_expiry",
-            "Seconds until the certificate expires (negative: expired): server and CA",
+            "Seconds until the certificate expires (negative: expired): server and CA.",
             Some(&Unit::Seconds),
             &[
                 (&[("certificate", "server")], left(&s.server_cert_not_after)),
