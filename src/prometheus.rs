@@ -306,8 +306,7 @@ impl Collector for StatsCollector {
         let (tcp, udp) = (Transport::Tcp.index(), Transport::Udp.index());
         let mut family = e.encode_descriptor(
             "tunnel",
-            "Payload bytes of closed tunnels, by transport and direction (up: client to \
-             destination).",
+            "Payload bytes relayed, by transport and direction (up: client to destination).",
             Some(&Unit::Bytes),
             MetricType::Counter,
         )?;
@@ -457,8 +456,10 @@ pub(crate) async fn serve(
                 let response = answer(&req, &exporter);
                 async move { Ok::<_, Infallible>(response) }
             });
+            // One request per connection: an idle scraper connection cannot hold a slot.
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                .keep_alive(false)
                 .header_read_timeout(SCRAPE_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), service);
             tokio::pin!(conn);

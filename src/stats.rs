@@ -56,9 +56,9 @@ pub struct Stats {
     pub tunnels_opened: [AtomicU64; 2],
     /// Tunnels ended, by transport (`tunnels_opened - tunnels_closed` are open).
     pub tunnels_closed: [AtomicU64; 2],
-    /// Payload bytes client -> destination, by transport (added when a tunnel closes).
+    /// Payload bytes client -> destination, by transport (added by the relays as they go).
     pub up_bytes: [AtomicU64; 2],
-    /// Payload bytes destination -> client, by transport (added when a tunnel closes).
+    /// Payload bytes destination -> client, by transport (added by the relays as they go).
     pub down_bytes: [AtomicU64; 2],
     /// HTTP requests answered on the TLS port (any route).
     pub http_requests: AtomicU64,

@@ -202,11 +202,9 @@ pub(crate) async fn serve<L: Link>(link: &mut L, cx: &Context<'_>) -> Report {
         Err(end) => end,
     };
     report.duration = started.elapsed();
-    let i = transport.index();
-    Stats::add(&cx.stats.up_bytes[i], report.counts.up_bytes);
-    Stats::add(&cx.stats.down_bytes[i], report.counts.down_bytes);
+    // The relays added the bytes to the transport's counters as they went.
     cx.stats.prom.tunnel_closed(transport, report.end.reason());
-    Stats::bump(&cx.stats.tunnels_closed[i]);
+    Stats::bump(&cx.stats.tunnels_closed[transport.index()]);
     report
 }
 

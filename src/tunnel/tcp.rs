@@ -60,8 +60,10 @@ where
         counts: &mut Counts,
     ) -> End {
         let mut relay = Relay::new();
+        let i = Transport::Tcp.index();
+        let live = [&self.stats.up_bytes[i], &self.stats.down_bytes[i]];
         let result = tokio::select! {
-            r = relay.run(self.client, &mut upstream) => Some(r),
+            r = relay.run(self.client, &mut upstream, Some(&live)) => Some(r),
             () = stop.cancelled() => None,
         };
         counts.up_bytes = relay.a_to_b();

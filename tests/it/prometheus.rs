@@ -594,3 +594,48 @@ async fn check_config_prints_the_new_sections() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn bytes_of_an_open_tunnel_show_before_it_closes() {
+    let pki = TestPki::new();
+    let text = TestDaemon::config_text(&pki, "") + "[prometheus]\nlisten = \"127.0.0.1:0\"\n";
+    let config = Config::from_toml(&text, None, |_| None).unwrap().0;
+    let daemon = TestDaemon::start_config(config).await;
+    let echo = TcpEcho::start().await;
+    let mut tls = pki
+        .client()
+        .open_tunnel(daemon.addr, &header_to(echo.addr))
+        .await
+        .unwrap();
+    let data = pattern(777, 3);
+    tls.write_all(&data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    tls.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, data);
+    // The client has the echo, so both directions were read by the relay (and counted).
+    let (body, _) = scrape_plain(daemon.prometheus.unwrap()).await;
+    let s = parse(&body).await;
+    let tcp = |d| [("transport", "tcp"), ("direction", d)];
+    assert_eq!(
+        value(&s, "godoxy_agent_tunnel_bytes_total", &tcp("up")),
+        777.0
+    );
+    assert_eq!(
+        value(&s, "godoxy_agent_tunnel_bytes_total", &tcp("down")),
+        777.0
+    );
+    assert_eq!(
+        value(&s, "godoxy_agent_tunnels_open", &[("transport", "tcp")]),
+        1.0
+    );
+    assert_eq!(
+        s.iter()
+            .filter(|x| x.name == "godoxy_agent_tunnels_closed_total")
+            .count(),
+        0
+    );
+    tls.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tls.read_to_end(&mut rest).await.unwrap();
+    daemon.stop().await;
+}
