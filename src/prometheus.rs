@@ -278,6 +278,8 @@ impl Collector for StatsCollector {
         let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         const TCP: &[(&str, &str)] = &[("transport", "tcp")];
         const UDP: &[(&str, &str)] = &[("transport", "udp")];
+        const SERVER: &[(&str, &str)] = &[("certificate", "server")];
+        const CA: &[(&str, &str)] = &[("certificate", "ca")];
         let per = |a: &[std::sync::atomic::AtomicU64; 2]| {
             [
                 (TCP, get(&a[Transport::Tcp.index()])),
@@ -395,18 +397,23 @@ impl Collector for StatsCollector {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        let left = |not_after: &std::sync::atomic::AtomicI64| {
-            not_after.load(std::sync::atomic::Ordering::Relaxed) - now
-        };
+        // A certificate whose notAfter could not be read (0) has no sample rather than one
+        // that looks expired.
+        let certs: Vec<(&[(&str, &str)], i64)> = [
+            (SERVER, &s.server_cert_not_after),
+            (CA, &s.ca_cert_not_after),
+        ]
+        .into_iter()
+        .map(|(labels, at)| (labels, at.load(std::sync::atomic::Ordering::Relaxed)))
+        .filter(|(_, at)| *at != 0)
+        .map(|(labels, at)| (labels, at.saturating_sub(now)))
+        .collect();
         Self::gauge(
             e,
             "certificate_expiry",
             "Seconds until the certificate expires (negative: expired): server and CA.",
             Some(&Unit::Seconds),
-            &[
-                (&[("certificate", "server")], left(&s.server_cert_not_after)),
-                (&[("certificate", "ca")], left(&s.ca_cert_not_after)),
-            ],
+            &certs,
         )?;
         Ok(())
     }
