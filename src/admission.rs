@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::stats::Stats;
+use crate::stats::{Stats, Transport};
 
 /// The limits of one pool.
 #[derive(Debug, Clone, Copy)]
@@ -72,33 +72,25 @@ impl fmt::Display for Source {
     }
 }
 
-/// The counters a pool keeps in [`Stats`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Transport {
-    Tcp,
-    Dtls,
+/// The counters a pool keeps in [`Stats`], by transport.
+fn gauge(transport: Transport, stats: &Stats) -> &AtomicU64 {
+    match transport {
+        Transport::Tcp => &stats.preauth_tcp,
+        Transport::Udp => &stats.preauth_dtls,
+    }
 }
 
-impl Transport {
-    fn gauge(self, stats: &Stats) -> &AtomicU64 {
-        match self {
-            Self::Tcp => &stats.preauth_tcp,
-            Self::Dtls => &stats.preauth_dtls,
-        }
+fn shed_counter(transport: Transport, stats: &Stats) -> &AtomicU64 {
+    match transport {
+        Transport::Tcp => &stats.shed_tcp,
+        Transport::Udp => &stats.shed_dtls,
     }
+}
 
-    fn shed(self, stats: &Stats) -> &AtomicU64 {
-        match self {
-            Self::Tcp => &stats.shed_tcp,
-            Self::Dtls => &stats.shed_dtls,
-        }
-    }
-
-    fn refused(self, stats: &Stats) -> &AtomicU64 {
-        match self {
-            Self::Tcp => &stats.preauth_refused_tcp,
-            Self::Dtls => &stats.preauth_refused_dtls,
-        }
+fn refused_counter(transport: Transport, stats: &Stats) -> &AtomicU64 {
+    match transport {
+        Transport::Tcp => &stats.preauth_refused_tcp,
+        Transport::Udp => &stats.preauth_refused_dtls,
     }
 }
 
@@ -165,7 +157,7 @@ impl Admission {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if inner.per_source.get(&source).copied().unwrap_or(0) >= self.limits.per_source {
             drop(inner);
-            Stats::bump(self.transport.refused(&self.stats));
+            Stats::bump(refused_counter(self.transport, &self.stats));
             return Err(SourceFull);
         }
         let mut displaced = None;
@@ -175,7 +167,7 @@ impl Admission {
         {
             shed.cancel();
             displaced = Some(victim);
-            Stats::bump(self.transport.shed(&self.stats));
+            Stats::bump(shed_counter(self.transport, &self.stats));
         }
         let deadline = if inner.order.len() >= self.limits.capacity / 2 {
             self.limits.busy_timeout.min(self.limits.timeout)
@@ -187,7 +179,7 @@ impl Admission {
         let shed = CancellationToken::new();
         inner.order.insert(id, (source, shed.clone()));
         *inner.per_source.entry(source).or_default() += 1;
-        Stats::set(self.transport.gauge(&self.stats), inner.order.len() as u64);
+        Stats::set(gauge(self.transport, &self.stats), inner.order.len() as u64);
         Ok(Ticket {
             pool: self.clone(),
             id,
@@ -218,7 +210,7 @@ impl Drop for Ticket {
         // A shed entry is out already.
         if inner.remove(self.id).is_some() {
             Stats::set(
-                self.pool.transport.gauge(&self.pool.stats),
+                gauge(self.pool.transport, &self.pool.stats),
                 inner.order.len() as u64,
             );
         }

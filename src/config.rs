@@ -38,6 +38,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Which destinations the agent dials for a client.
     pub policy: PolicyConfig,
+    /// Prometheus/OpenMetrics exposition of the agent's own counters.
+    pub prometheus: PrometheusConfig,
+    /// Log output.
+    pub log: LogConfig,
 }
 
 /// A GoDoxy release string, `vMAJOR.MINOR.PATCH` with an optional `-suffix`: what a GoDoxy
@@ -239,6 +243,39 @@ impl Default for MetricsConfig {
             sensors: true,
         }
     }
+}
+
+/// `[prometheus]`: the agent's own counters (tunnels, bytes, handshakes, HTTP requests,
+/// certificate expiry) in the OpenMetrics text format. Named apart from `[metrics]`, which is
+/// the host sampler behind GoDoxy's dashboard: the two serve different readers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrometheusConfig {
+    /// A plain-HTTP listener serving `/metrics`, e.g. `127.0.0.1:9108`; `""` (the default):
+    /// none. No TLS and no authentication: bind it to loopback or a scrape-only network.
+    #[serde(with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
+    /// Also serve `/metrics` on the mTLS port, to scrapers holding a client certificate.
+    pub mtls: bool,
+}
+
+/// `[log]`: how log lines are written (the level comes from `RUST_LOG`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (the default) or `json` (one object per line; docs/LOGS.md has the fields).
+    pub format: LogFormat,
+}
+
+/// The form of a log line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `key=value` fields after the message, for people and the journal.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers and audit trails.
+    Json,
 }
 
 /// Picks one of the part switches of [`MetricsConfig`].
@@ -524,6 +561,8 @@ struct FileConfig {
     docker: DockerConfig,
     metrics: MetricsConfig,
     policy: PolicyConfig,
+    prometheus: PrometheusConfig,
+    log: LogConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -617,6 +656,8 @@ impl Config {
                 ..file.metrics
             },
             policy: file.policy,
+            prometheus: file.prometheus,
+            log: file.log,
         };
         let mut errors = Vec::new();
         let mut diagnostics = Diagnostics::default();
@@ -662,6 +703,15 @@ impl Config {
         let (shortest, longest) = MetricsConfig::INTERVAL_RANGE;
         if !(shortest..=longest).contains(&self.metrics.interval) {
             invalid("metrics.interval", "must be between 1s and 60s");
+        }
+        if let Some(addr) = self.prometheus.listen
+            && addr.port() != 0
+            && addr.port() == self.listen.tcp.port()
+        {
+            invalid(
+                "prometheus.listen",
+                "must not use the port of listen.tcp (e.g. 127.0.0.1:9108)",
+            );
         }
         if let Err(entries) = crate::policy::Policy::new(&self.policy) {
             for entry in entries {
@@ -975,6 +1025,24 @@ mod tests {
     fn empty_udp_disables() {
         let (c, _) = Config::from_toml("[listen]\nudp = \"\"\n", None, no_env).unwrap();
         assert!(c.listen.udp.is_none());
+    }
+
+    #[test]
+    fn prometheus_and_log() {
+        let (c, _) = Config::from_toml("", None, no_env).unwrap();
+        assert!(c.prometheus.listen.is_none() && !c.prometheus.mtls);
+        assert_eq!(c.log.format, LogFormat::Text);
+        let text =
+            "[prometheus]\nlisten = \"127.0.0.1:9108\"\nmtls = true\n[log]\nformat = \"json\"\n";
+        let (c, _) = Config::from_toml(text, None, no_env).unwrap();
+        assert_eq!(c.prometheus.listen, Some("127.0.0.1:9108".parse().unwrap()));
+        assert!(c.prometheus.mtls);
+        assert_eq!(c.log.format, LogFormat::Json);
+        let err = Config::from_toml("[log]\nformat = \"xml\"\n", None, no_env).unwrap_err();
+        assert!(err.to_string().contains("unknown variant `xml`"), "{err}");
+        let err =
+            Config::from_toml("[prometheus]\nlisten = \"[::]:8890\"\n", None, no_env).unwrap_err();
+        assert!(err.to_string().contains("`prometheus.listen`"), "{err}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::admission::{Admission, PreauthLimits, Transport};
+use crate::admission::{Admission, PreauthLimits};
 use crate::config::Config;
 use crate::dtls::cookie::Cookies;
 use crate::dtls::report::Tally;
@@ -20,7 +20,8 @@ use crate::dtls::{self, UdpLimits, UdpShared};
 use crate::http::{AgentInfo, Docker, Health, HttpShared, Proxy};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::stats::Stats;
+use crate::prometheus::Exporter;
+use crate::stats::{Stats, Transport};
 use crate::tcp_listener::{self, Shared};
 use crate::tls::TlsMaterial;
 use crate::tunnel::Timeouts;
@@ -34,6 +35,8 @@ pub struct Daemon {
     tcp: TcpListener,
     shared: Arc<Shared>,
     udp: Option<(Arc<UdpSocket>, Arc<UdpShared>)>,
+    /// The plain-HTTP scrape listener, when `prometheus.listen` is set.
+    prometheus: Option<(TcpListener, Arc<Exporter>)>,
 }
 
 impl Daemon {
@@ -45,6 +48,16 @@ impl Daemon {
         let tcp = bind_tcp(config.listen.tcp)
             .with_context(|| format!("listen.tcp: binding {}", config.listen.tcp))?;
         let stats = Arc::new(Stats::default());
+        stats.set_cert_expiry(&material);
+        let prometheus = Arc::new(Exporter::new(stats.clone(), config.godoxy_version.as_str()));
+        let prometheus_listener = match config.prometheus.listen {
+            Some(addr) => Some(
+                crate::prometheus::bind(addr)
+                    .await
+                    .with_context(|| format!("prometheus.listen: binding {addr}"))?,
+            ),
+            None => None,
+        };
         // One policy for every dial made for a client: tunnels, HTTP routes, health checks.
         let policy = Arc::new(Policy::new(&config.policy).map_err(|errors| {
             let reasons: Vec<String> = errors
@@ -90,7 +103,7 @@ impl Daemon {
                     policy: policy.clone(),
                     admission: Arc::new(Admission::new(
                         limits.preauth,
-                        Transport::Dtls,
+                        Transport::Udp,
                         stats.clone(),
                     )),
                     cookies: Cookies::new()?,
@@ -112,6 +125,8 @@ impl Daemon {
                 proxy: Proxy::new(policy.clone()),
                 health: Health::new(policy.clone()),
                 metrics: Metrics::new(&config.metrics),
+                stats: stats.clone(),
+                prometheus: config.prometheus.mtls.then(|| prometheus.clone()),
                 header_timeout: config.http.header_timeout,
                 idle_timeout: config.http.idle_timeout,
             }),
@@ -131,6 +146,7 @@ impl Daemon {
             tcp,
             shared,
             udp,
+            prometheus: prometheus_listener.map(|listener| (listener, prometheus)),
         })
     }
 
@@ -166,6 +182,13 @@ impl Daemon {
     /// The bound DTLS address, when UDP is enabled.
     pub fn udp_addr(&self) -> Option<SocketAddr> {
         self.udp.as_ref().and_then(|(s, _)| s.local_addr().ok())
+    }
+
+    /// The bound Prometheus scrape address, when `prometheus.listen` is set.
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        self.prometheus
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     /// The counters, shared with the running daemon.
@@ -223,6 +246,16 @@ impl Daemon {
             godoxy_api = self.config.godoxy_version.as_str(),
             "agent listening"
         );
+        let scrape = self.prometheus.map(|(listener, exporter)| {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+            }
+            tokio::spawn(crate::prometheus::serve(
+                listener,
+                exporter,
+                shutdown.clone(),
+            ))
+        });
         // Host metrics: sampled until shutdown, then the history is saved.
         let metrics = tokio::spawn(self.shared.http.metrics.clone().run(shutdown.clone()));
         let accept = tokio::spawn(tcp_listener::run(
@@ -254,9 +287,33 @@ impl Daemon {
             let _ = demux.await;
         }
         let _ = metrics.await;
-        info!("shutdown complete");
+        if let Some(scrape) = scrape {
+            let _ = scrape.await;
+        }
+        log_summary(&self.shared.stats);
         Ok(())
     }
+}
+
+/// The last line: what the agent did in its life.
+fn log_summary(stats: &Stats) {
+    let get = Stats::get;
+    let [tcp, udp] = Transport::ALL.map(Transport::index);
+    info!(
+        uptime_s = stats.started.elapsed().as_secs(),
+        tcp_tunnels = get(&stats.tunnels_opened[tcp]),
+        udp_tunnels = get(&stats.tunnels_opened[udp]),
+        up_bytes = Stats::total(&stats.up_bytes),
+        down_bytes = Stats::total(&stats.down_bytes),
+        tls_handshakes = get(&stats.tls_handshakes),
+        tls_handshake_failures = get(&stats.tls_handshake_failures),
+        dtls_handshakes = get(&stats.udp_handshakes),
+        dtls_handshake_failures = get(&stats.udp_handshake_failures),
+        http_requests = get(&stats.http_requests),
+        shed = get(&stats.shed_tcp) + get(&stats.shed_dtls),
+        refused = get(&stats.preauth_refused_tcp) + get(&stats.preauth_refused_dtls),
+        "shutdown complete"
+    );
 }
 
 /// Binds the TLS port; `[::]` is dual-stack (see [`dual_stack`]).

@@ -25,8 +25,9 @@
 //!   `http/docker.rs` relays the Docker Engine API under `docker.access`;
 //! - `metrics`: the host sampler, its 5-period history and the history file, served by
 //!   `http/system_info.rs` as `/godoxy/agent/system_info` (GoDoxy's dashboard);
-//! - `stats`: counters; `client` and `forward`: the other end, for the CLI, tests and benchmark;
-//!   `diagnose`: why a certificate fails GoDoxy's checks, in words (for `doctor`).
+//! - `stats`: counters and gauges; `prometheus` exports them as OpenMetrics (`/metrics`);
+//!   `client` and `forward`: the other end, for the CLI, tests and benchmark; `diagnose`: why
+//!   a certificate fails GoDoxy's checks, in words (for `doctor`).
 //!
 //! The binary (`main.rs`, `cli/`) adds the command line; the benchmark is the workspace member
 //! `bench/`.
@@ -45,6 +46,7 @@ pub mod forward;
 mod http;
 mod metrics;
 mod policy;
+mod prometheus;
 pub mod protocol;
 mod stats;
 mod tcp_listener;
@@ -53,7 +55,7 @@ mod tunnel;
 
 pub use config::Config;
 pub use daemon::Daemon;
-pub use stats::Stats;
+pub use stats::{Stats, Transport};
 
 /// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`, enabled by nothing else):
 /// the parsers that read what a peer sends, and the DTLS server configuration the agent uses.

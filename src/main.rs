@@ -3,7 +3,6 @@
 
 mod cli;
 
-use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,13 +10,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use cli::client::{CertArgs, client_command, coded_command};
-use godoxy_agent::config::{Config, DEFAULT_CONFIG_PATH, Diagnostics, DockerAccess, PemSource};
+use godoxy_agent::config::{
+    Config, DEFAULT_CONFIG_PATH, Diagnostics, DockerAccess, LogFormat, PemSource,
+};
 use godoxy_agent::{Daemon, certs};
 use tokio_util::sync::CancellationToken;
-use tracing::{Level, error, info, warn};
-use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -165,7 +163,10 @@ enum CertsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // `run` reads `[log] format` from its configuration and starts logging once loaded.
+    if !matches!(cli.command, Command::Run { .. }) {
+        cli::logging::init(LogFormat::Text);
+    }
     match cli.command {
         Command::Run { config } => run(config.as_deref()),
         Command::Certs {
@@ -232,39 +233,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    // webrtc-dtls warns about every extension it does not know (openssl's clients send
-    // several): keep its chatter out unless asked for with RUST_LOG.
-    // `Targets` reads RUST_LOG's "level,target=level" form without a regex engine.
-    let default = || {
-        Targets::new()
-            .with_default(Level::INFO)
-            .with_target("webrtc_dtls", Level::ERROR)
-            .with_target("webrtc_util", Level::ERROR)
-    };
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) => spec.parse::<Targets>().unwrap_or_else(|err| {
-            eprintln!(
-                "godoxy-agent: ignoring RUST_LOG={spec:?} ({err}); \
-                 using info,webrtc_dtls=error,webrtc_util=error"
-            );
-            default()
-        }),
-        Err(_) => default(),
-    };
-    let logs = tracing_subscriber::fmt()
-        .with_max_level(Level::TRACE)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false);
-    // Under systemd the journal stamps every line already.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        logs.without_time().finish().with(filter).init();
-    } else {
-        logs.finish().with(filter).init();
-    }
-}
-
 /// The explicit path, else the default path when that file exists, else none (defaults).
 fn config_path(explicit: Option<&Path>) -> Option<PathBuf> {
     match explicit {
@@ -292,6 +260,7 @@ fn run(explicit: Option<&Path>) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    cli::logging::init(config.log.format);
     for warning in &diagnostics.warnings {
         warn!("{warning}");
     }

@@ -1,10 +1,18 @@
-//! Process-wide counters: what the shutdown log reports and what tests assert on.
+//! Process-wide counters: what the shutdown summary reports, `/metrics` exports (through
+//! `crate::prometheus`) and tests assert on. Everything here is an atomic or a
+//! prometheus-client handle: nothing on the data path takes a lock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
 
-/// Monotonic counters, shared by every listener.
-#[derive(Debug, Default)]
+use crate::prometheus::Recorders;
+use crate::tls::TlsMaterial;
+
+/// Monotonic counters and gauges, shared by every listener.
+#[derive(Debug)]
 pub struct Stats {
+    /// When the daemon was bound (for the shutdown summary's uptime).
+    pub started: Instant,
     /// TLS handshakes completed on the TCP port.
     pub tls_handshakes: AtomicU64,
     /// TLS handshakes that failed or timed out.
@@ -52,6 +60,88 @@ pub struct Stats {
     pub udp_preauth_drops: AtomicU64,
     /// Gauge: panics inside webrtc-dtls caught in this process (updated every 10 s).
     pub dtls_panics: AtomicU64,
+    /// Tunnels started (an authenticated connection asking for a tunnel), by transport.
+    pub tunnels_opened: [AtomicU64; 2],
+    /// Tunnels ended, by transport (`tunnels_opened - tunnels_closed` are open).
+    pub tunnels_closed: [AtomicU64; 2],
+    /// Payload bytes client -> destination, by transport (added by the relays as they go).
+    pub up_bytes: [AtomicU64; 2],
+    /// Payload bytes destination -> client, by transport (added by the relays as they go).
+    pub down_bytes: [AtomicU64; 2],
+    /// HTTP requests answered on the TLS port (any route).
+    pub http_requests: AtomicU64,
+    /// Unix time (s) after which the server certificate is no longer valid; 0 = unknown.
+    pub server_cert_not_after: AtomicI64,
+    /// Unix time (s) of the earliest `notAfter` among the CA certificates; 0 = unknown.
+    pub ca_cert_not_after: AtomicI64,
+    /// The labelled metric families (reasons, statuses, latencies).
+    pub(crate) prom: Recorders,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            tls_handshakes: AtomicU64::default(),
+            tls_handshake_failures: AtomicU64::default(),
+            dials: AtomicU64::default(),
+            tcp_tunnels: AtomicU64::default(),
+            udp_table: AtomicU64::default(),
+            udp_sessions: AtomicU64::default(),
+            udp_handshakes: AtomicU64::default(),
+            udp_handshake_failures: AtomicU64::default(),
+            preauth_refused_tcp: AtomicU64::default(),
+            preauth_refused_dtls: AtomicU64::default(),
+            tcp_refused_connections: AtomicU64::default(),
+            udp_cookies_sent: AtomicU64::default(),
+            udp_bad_cookies: AtomicU64::default(),
+            udp_refused_sessions: AtomicU64::default(),
+            udp_unsolicited: AtomicU64::default(),
+            udp_queue_drops: AtomicU64::default(),
+            udp_oversize_drops: AtomicU64::default(),
+            udp_preauth_drops: AtomicU64::default(),
+            dtls_panics: AtomicU64::default(),
+            preauth_tcp: AtomicU64::default(),
+            preauth_dtls: AtomicU64::default(),
+            shed_tcp: AtomicU64::default(),
+            shed_dtls: AtomicU64::default(),
+            tunnels_opened: Default::default(),
+            tunnels_closed: Default::default(),
+            up_bytes: Default::default(),
+            down_bytes: Default::default(),
+            http_requests: AtomicU64::default(),
+            server_cert_not_after: AtomicI64::default(),
+            ca_cert_not_after: AtomicI64::default(),
+            prom: Recorders::default(),
+        }
+    }
+}
+
+/// Index of a transport in the per-transport arrays of [`Stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TLS over TCP.
+    Tcp = 0,
+    /// DTLS over UDP.
+    Udp = 1,
+}
+
+impl Transport {
+    /// Both, in index order.
+    pub const ALL: [Self; 2] = [Self::Tcp, Self::Udp];
+
+    /// The label value and log field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+
+    /// The index into a per-transport array.
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 impl Stats {
@@ -68,5 +158,27 @@ impl Stats {
     /// Reads `counter`.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Adds `n` to `counter`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records when the server certificate (the leaf) and the first CA certificate to expire
+    /// stop being valid, for `certificate_expiry_seconds`. Called at start (and again by
+    /// whatever reloads the certificates).
+    pub(crate) fn set_cert_expiry(&self, material: &TlsMaterial) {
+        let server = material.chain.first().and_then(crate::tls::not_after);
+        let ca = material.ca.iter().filter_map(crate::tls::not_after).min();
+        self.server_cert_not_after
+            .store(server.unwrap_or(0), Ordering::Relaxed);
+        self.ca_cert_not_after
+            .store(ca.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Sum of a per-transport array.
+    pub fn total(counters: &[AtomicU64; 2]) -> u64 {
+        counters.iter().map(Self::get).fold(0, u64::wrapping_add)
     }
 }

@@ -22,7 +22,7 @@ use crate::alpn::Alpn;
 use crate::dtls::report::{self, Failure, Tally};
 use crate::http::{self, HttpShared};
 use crate::policy::Policy;
-use crate::stats::Stats;
+use crate::stats::{Stats, Transport};
 use crate::tunnel::tcp::{TcpLink, tune};
 use crate::tunnel::{self, Timeouts};
 
@@ -152,6 +152,10 @@ async fn serve_connection(
         Ok(tls) => tls,
         Err(reason) => {
             Stats::bump(&shared.stats.tls_handshake_failures);
+            shared
+                .stats
+                .prom
+                .handshake_failed(Transport::Tcp, reason.name());
             if let Some(ip) = peer {
                 shared.tally.failed(ip, reason);
             }

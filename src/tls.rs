@@ -127,6 +127,13 @@ pub(crate) fn parse_certs(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
+/// A certificate's `notAfter` as Unix seconds, or `None` when it does not parse.
+pub(crate) fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .ok()
+        .map(|(_, parsed)| parsed.validity().not_after.timestamp())
+}
+
 /// The subject of a peer's certificate in RFC 4514 form, for logs.
 pub(crate) fn subject(cert: &CertificateDer<'_>) -> String {
     match x509_parser::parse_x509_certificate(cert.as_ref()) {

@@ -94,7 +94,8 @@ impl Failure {
         }
     }
 
-    fn name(self) -> &'static str {
+    /// The short name in the aggregate line and the `reason` label of the metric.
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Timeout => "timeout",
             Self::PeerAlert => "peer_alert",

@@ -16,7 +16,7 @@ use super::UdpShared;
 use super::peer::PeerConn;
 use super::report::{Failure, Tally};
 use crate::admission::Ticket;
-use crate::stats::Stats;
+use crate::stats::{Stats, Transport};
 use crate::tunnel::{self, udp::UdpLink};
 
 /// How long sending close_notify may take before the session is dropped anyway.
@@ -92,6 +92,7 @@ pub(super) async fn run(
         Ok(dtls) => dtls,
         Err(reason) => {
             Stats::bump(&stats.udp_handshake_failures);
+            stats.prom.handshake_failed(Transport::Udp, reason.name());
             if let Some(peer) = peer {
                 tally.failed(peer.ip(), reason);
             }

@@ -12,7 +12,7 @@ mod system_info;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Empty, Full};
@@ -31,6 +31,8 @@ pub(crate) use self::health::Health;
 pub(crate) use self::info::AgentInfo;
 pub(crate) use self::proxy::Proxy;
 use crate::metrics::Metrics;
+use crate::prometheus::{Exporter, Route};
+use crate::stats::Stats;
 
 /// The request parsers the fuzz targets reach (`godoxy_agent::fuzzing`, feature `fuzzing`).
 #[cfg(feature = "fuzzing")]
@@ -68,6 +70,10 @@ pub(crate) struct HttpShared {
     pub(crate) health: Health,
     /// `/system_info`: host metrics.
     pub(crate) metrics: Metrics,
+    /// Counters (requests by route and status).
+    pub(crate) stats: Arc<Stats>,
+    /// `/metrics` for scrapers with a client certificate, when `prometheus.mtls` is on.
+    pub(crate) prometheus: Option<Arc<Exporter>>,
     /// Time a client has to send a request's headers once it started one.
     pub(crate) header_timeout: Duration,
     /// An idle keep-alive connection is closed after this long.
@@ -131,18 +137,31 @@ where
 }
 
 async fn route(req: Request<Incoming>, shared: &HttpShared, subject: &str) -> Response {
+    Stats::bump(&shared.stats.http_requests);
     let path = req.uri().path();
+    let started = Instant::now();
     if path
         .strip_prefix(proxy::PREFIX)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     {
-        return shared.proxy.handle(req).await;
+        let response = shared.proxy.handle(req).await;
+        let prom = &shared.stats.prom;
+        prom.http_answered(Route::Proxy, response.status(), started.elapsed());
+        return response;
     }
     match path.strip_prefix(PREFIX) {
         Some("health") => shared.health.handle(req.method(), req.uri().query()).await,
         Some("system_info") => system_info::handle(req, &shared.metrics),
         Some(endpoint) => shared.info.handle(endpoint).unwrap_or_else(not_found),
-        None => shared.docker.handle(req, subject).await,
+        None => match &shared.prometheus {
+            Some(exporter) if path == "/metrics" => crate::prometheus::boxed_response(exporter),
+            _ => {
+                let response = shared.docker.handle(req, subject).await;
+                let prom = &shared.stats.prom;
+                prom.http_answered(Route::Docker, response.status(), started.elapsed());
+                response
+            }
+        },
     }
 }
 

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::policy::{Denial, Policy, Refused};
 use crate::protocol::{Destination, DestinationError, HEADER_LEN, HeaderError, TunnelHeader};
-use crate::stats::Stats;
+use crate::stats::{Stats, Transport};
 
 /// The deadlines of a tunnel's set-up.
 #[derive(Debug, Clone, Copy)]
@@ -42,8 +42,8 @@ pub(crate) struct Context<'a> {
 
 /// A transport's side of a tunnel: the authenticated client connection.
 pub(crate) trait Link {
-    /// For the closing log line.
-    const TRANSPORT: &'static str;
+    /// For the closing log line and the metrics.
+    const TRANSPORT: Transport;
     /// The agent's connection to the destination.
     type Upstream;
 
@@ -170,9 +170,12 @@ pub(crate) struct Counts {
 #[derive(Debug)]
 pub(crate) struct Report {
     /// `tcp` or `udp`.
-    pub transport: &'static str,
+    pub transport: Transport,
     /// The checked destination, once the header named one.
     pub destination: Option<Destination>,
+    /// A destination the rule refused, as the header wrote it (lossy UTF-8, at most
+    /// `HOST_MAX` + `PORT_MAX` bytes): the log formatters escape its control characters.
+    pub refused: Option<String>,
     /// What crossed.
     pub counts: Counts,
     /// From the start of the header read to the end.
@@ -184,18 +187,24 @@ pub(crate) struct Report {
 /// Runs one tunnel on an authenticated client connection, from its header to its end.
 pub(crate) async fn serve<L: Link>(link: &mut L, cx: &Context<'_>) -> Report {
     let started = Instant::now();
+    let transport = L::TRANSPORT;
+    Stats::bump(&cx.stats.tunnels_opened[transport.index()]);
     let mut report = Report {
-        transport: L::TRANSPORT,
+        transport,
         destination: None,
+        refused: None,
         counts: Counts::default(),
         duration: Duration::ZERO,
         end: End::Eof,
     };
-    report.end = match open(link, cx, &mut report.destination).await {
+    report.end = match open(link, cx, &mut report).await {
         Ok(upstream) => link.relay(upstream, cx.stop, &mut report.counts).await,
         Err(end) => end,
     };
     report.duration = started.elapsed();
+    // The relays added the bytes to the transport's counters as they went.
+    cx.stats.prom.tunnel_closed(transport, report.end.reason());
+    Stats::bump(&cx.stats.tunnels_closed[transport.index()]);
     report
 }
 
@@ -203,7 +212,7 @@ pub(crate) async fn serve<L: Link>(link: &mut L, cx: &Context<'_>) -> Report {
 async fn open<L: Link>(
     link: &mut L,
     cx: &Context<'_>,
-    destination: &mut Option<Destination>,
+    report: &mut Report,
 ) -> Result<L::Upstream, End> {
     let bytes = tokio::select! {
         r = timeout(cx.timeouts.header, link.read_header()) => r.map_err(|_| End::HeaderTimeout)??,
@@ -213,11 +222,21 @@ async fn open<L: Link>(
     if header.is_probe() {
         return Err(End::Probe);
     }
-    let checked = header.destination().map_err(End::Rejected)?;
-    let checked = destination.insert(checked);
+    let checked = match header.destination() {
+        Ok(checked) => report.destination.insert(checked),
+        Err(err) => {
+            report.refused = Some(format!(
+                "{}:{}",
+                String::from_utf8_lossy(header.host_bytes()),
+                String::from_utf8_lossy(header.port_bytes())
+            ));
+            return Err(End::Rejected(err));
+        }
+    };
     // Resolve once, judge every address, dial only the allowed ones: a denied destination is
     // refused before any packet leaves for it. The dial timeout covers resolving too.
     let dial = async {
+        let started = Instant::now();
         let addrs = cx
             .policy
             .resolve(&checked.host, checked.port.get())
@@ -227,7 +246,9 @@ async fn open<L: Link>(
                 Refused::Resolve(err) => End::DialFailed(err),
             })?;
         Stats::bump(&cx.stats.dials);
-        link.dial(&addrs).await.map_err(End::DialFailed)
+        let upstream = link.dial(&addrs).await.map_err(End::DialFailed)?;
+        cx.stats.prom.dialed(L::TRANSPORT, started.elapsed());
+        Ok(upstream)
     };
     tokio::select! {
         r = timeout(cx.timeouts.dial, dial) => r.unwrap_or(Err(End::DialTimeout)),
@@ -238,12 +259,13 @@ async fn open<L: Link>(
 /// The one closing line of every tunnel, with the same fields for both transports (the
 /// datagram counts only for UDP). Peer and subject come from the connection's span.
 pub(crate) fn log_closed(report: &Report) {
-    let transport = report.transport;
+    let transport = report.transport.as_str();
     let c = &report.counts;
-    let udp = transport == udp::TRANSPORT;
-    let destination: &dyn fmt::Display = match &report.destination {
-        Some(destination) => destination,
-        None => &"-",
+    let udp = report.transport == Transport::Udp;
+    let destination: &dyn fmt::Display = match (&report.destination, &report.refused) {
+        (Some(destination), _) => destination,
+        (None, Some(refused)) => refused,
+        (None, None) => &"-",
     };
     let duration_ms = u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX);
     let reason = report.end.reason();

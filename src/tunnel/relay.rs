@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -59,6 +60,7 @@ impl Half {
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
+        live: Option<&AtomicU64>,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + ?Sized,
@@ -111,6 +113,9 @@ impl Half {
                         self.read_done = true;
                     } else {
                         self.bytes += n as u64;
+                        if let Some(live) = live {
+                            live.fetch_add(n as u64, Ordering::Relaxed);
+                        }
                         self.buf = Some(buf);
                         self.pos = 0;
                         self.cap = n;
@@ -145,8 +150,14 @@ impl Relay {
     }
 
     /// Copies both ways until both directions reached EOF (each EOF shuts down the other
-    /// side's writing half), or an error.
-    pub async fn run<A, B>(&mut self, a: &mut A, b: &mut B) -> io::Result<()>
+    /// side's writing half), or an error. `live` counters (a to b, b to a), when given, are
+    /// added to as each chunk is read: what `/metrics` shows of a tunnel still open.
+    pub async fn run<A, B>(
+        &mut self,
+        a: &mut A,
+        b: &mut B,
+        live: Option<&[&AtomicU64; 2]>,
+    ) -> io::Result<()>
     where
         A: AsyncRead + AsyncWrite + Unpin + ?Sized,
         B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -156,7 +167,7 @@ impl Relay {
                 Poll::Ready(Ok(()))
             } else {
                 self.a_to_b
-                    .poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))
+                    .poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b), live.map(|l| l[0]))
             };
             if let Poll::Ready(Err(err)) = forward {
                 return Poll::Ready(Err(err));
@@ -165,7 +176,7 @@ impl Relay {
                 Poll::Ready(Ok(()))
             } else {
                 self.b_to_a
-                    .poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))
+                    .poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a), live.map(|l| l[1]))
             };
             if let Poll::Ready(Err(err)) = backward {
                 return Poll::Ready(Err(err));
@@ -203,7 +214,7 @@ mod tests {
         let (mut b, mut server) = tokio::io::duplex(5);
         let relay = tokio::spawn(async move {
             let mut relay = Relay::new();
-            relay.run(&mut a, &mut b).await.unwrap();
+            relay.run(&mut a, &mut b, None).await.unwrap();
             (relay.a_to_b(), relay.b_to_a())
         });
         let up: Vec<u8> = (0..100_000u32)

@@ -12,10 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::relay::Relay;
 use super::{Counts, End, Link};
 use crate::protocol::{HEADER_LEN, HeaderError};
-use crate::stats::Stats;
-
-/// The `transport` field of TCP tunnels.
-pub(crate) const TRANSPORT: &str = "tcp";
+use crate::stats::{Stats, Transport};
 
 /// An authenticated TLS stream that carries one tunnel.
 pub(crate) struct TcpLink<'a, S> {
@@ -33,7 +30,7 @@ impl<S> Link for TcpLink<'_, S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    const TRANSPORT: &'static str = TRANSPORT;
+    const TRANSPORT: Transport = Transport::Tcp;
     type Upstream = TcpStream;
 
     async fn read_header(&mut self) -> Result<[u8; HEADER_LEN], End> {
@@ -63,8 +60,10 @@ where
         counts: &mut Counts,
     ) -> End {
         let mut relay = Relay::new();
+        let i = Transport::Tcp.index();
+        let live = [&self.stats.up_bytes[i], &self.stats.down_bytes[i]];
         let result = tokio::select! {
-            r = relay.run(self.client, &mut upstream) => Some(r),
+            r = relay.run(self.client, &mut upstream, Some(&live)) => Some(r),
             () = stop.cancelled() => None,
         };
         counts.up_bytes = relay.a_to_b();

@@ -12,10 +12,11 @@ use webrtc_dtls::conn::DTLSConn;
 
 use super::{Counts, End, Link};
 use crate::protocol::{DTLS_READ_BUF, HEADER_LEN, HeaderError, MAX_PAYLOAD};
-use crate::stats::Stats;
+use crate::stats::{Stats, Transport};
 
-/// The `transport` field of UDP tunnels.
-pub(crate) const TRANSPORT: &str = "udp";
+/// The index of this transport's byte counters.
+const UDP: usize = Transport::Udp as usize;
+
 /// Datagrams taken from the destination per readiness event before the client's side gets a
 /// turn.
 const DOWN_BATCH: usize = 32;
@@ -41,7 +42,7 @@ impl<'a> UdpLink<'a> {
 }
 
 impl Link for UdpLink<'_> {
-    const TRANSPORT: &'static str = TRANSPORT;
+    const TRANSPORT: Transport = Transport::Udp;
     type Upstream = UdpSocket;
 
     async fn read_header(&mut self) -> Result<[u8; HEADER_LEN], End> {
@@ -89,6 +90,7 @@ impl Link for UdpLink<'_> {
                     last = Instant::now();
                     counts.up_datagrams += 1;
                     counts.up_bytes += n as u64;
+                    Stats::add(&stats.up_bytes[UDP], n as u64);
                     if let Err(err) = udp.send(&buf[..n]).await {
                         // ICMP unreachable from an earlier datagram: the destination may come
                         // back, as with a plain UDP socket; anything else ends the session.
@@ -119,6 +121,7 @@ impl Link for UdpLink<'_> {
                         }
                         counts.down_datagrams += 1;
                         counts.down_bytes += n as u64;
+                        Stats::add(&stats.down_bytes[UDP], n as u64);
                         if let Err(err) = dtls.write(&buf[..n], None).await {
                             return End::Io(io::Error::other(format!("writing to client: {err}")));
                         }

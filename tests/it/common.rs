@@ -71,6 +71,8 @@ pub struct TestDaemon {
     pub addr: SocketAddr,
     /// The DTLS address when started with UDP.
     pub udp: Option<SocketAddr>,
+    /// The Prometheus scrape listener, when `[prometheus] listen` is set.
+    pub prometheus: Option<SocketAddr>,
     pub stats: Arc<Stats>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -116,12 +118,14 @@ impl TestDaemon {
         let daemon = Daemon::bind(config).await.unwrap();
         let addr = daemon.tcp_addr();
         let udp = daemon.udp_addr();
+        let prometheus = daemon.prometheus_addr();
         let stats = daemon.stats();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(daemon.run(shutdown.clone()));
         Self {
             addr,
             udp,
+            prometheus,
             stats,
             shutdown,
             task,

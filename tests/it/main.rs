@@ -20,6 +20,7 @@ mod http_api;
 mod mtls;
 mod policy;
 mod preauth;
+mod prometheus;
 mod proxy;
 mod setup;
 mod shutdown;
