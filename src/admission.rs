@@ -2,10 +2,11 @@
 //! handshakes in progress. Each transport has one bounded pool of them, apart from its
 //! authenticated tunnels, so that strangers can never take a tunnel's place:
 //!
-//! - a source (an IPv4 address, an IPv6 /64) holds at most `per_source` entries; one more from
-//!   it is refused at once;
-//! - an entry admitted while the pool is more than half full gets the short deadline
-//!   (`busy_timeout`) instead of the full one;
+//! - while the pool is more than half full (busy), a source (an IPv4 address, an IPv6 /64)
+//!   holding `per_source` entries is refused one more at once; a quiet pool admits any burst
+//!   (a GoDoxy server opening a hundred tunnels at once from one address);
+//! - an entry admitted while the pool is busy gets the short deadline (`busy_timeout`) instead
+//!   of the full one;
 //! - when the pool is full, the oldest entry is shed (its handshake is abandoned) to make room,
 //!   rather than refusing the newcomer, so a stalled flood ages out and fresh clients get in.
 //!
@@ -27,7 +28,7 @@ use crate::stats::{Stats, Transport};
 pub(crate) struct PreauthLimits {
     /// Entries at most.
     pub(crate) capacity: usize,
-    /// Entries from one source at most.
+    /// Entries from one source at most while the pool is more than half full.
     pub(crate) per_source: usize,
     /// The handshake deadline while the pool is at most half full.
     pub(crate) timeout: Duration,
@@ -155,7 +156,8 @@ impl Admission {
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, SourceFull> {
         let source = Source::of(ip);
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if inner.per_source.get(&source).copied().unwrap_or(0) >= self.limits.per_source {
+        let busy = inner.order.len() >= self.limits.capacity / 2;
+        if busy && inner.per_source.get(&source).copied().unwrap_or(0) >= self.limits.per_source {
             drop(inner);
             Stats::bump(refused_counter(self.transport, &self.stats));
             return Err(SourceFull);
@@ -239,8 +241,8 @@ mod tests {
     }
 
     #[test]
-    fn a_source_is_capped_and_frees_its_places() {
-        let pool = pool(100, 2);
+    fn a_source_is_capped_while_busy_and_frees_its_places() {
+        let pool = pool(4, 2);
         let a = pool.admit(ip("10.0.0.1")).unwrap();
         let _b = pool.admit(ip("10.0.0.1")).unwrap();
         assert_eq!(pool.admit(ip("10.0.0.1")).err(), Some(SourceFull));
@@ -254,8 +256,19 @@ mod tests {
     }
 
     #[test]
+    fn a_quiet_pool_admits_a_burst_from_one_source() {
+        let pool = pool(100, 2);
+        let burst: Vec<Ticket> = (0..50)
+            .map(|_| pool.admit(ip("10.0.0.1")).unwrap())
+            .collect();
+        assert_eq!(pool.admit(ip("10.0.0.1")).err(), Some(SourceFull));
+        drop(burst);
+        assert!(pool.admit(ip("10.0.0.1")).is_ok());
+    }
+
+    #[test]
     fn ipv6_sources_are_slash_64() {
-        let pool = pool(100, 1);
+        let pool = pool(2, 1);
         let _a = pool.admit(ip("2001:db8:1:2::1")).unwrap();
         assert!(pool.admit(ip("2001:db8:1:2:ffff::9")).is_err());
         assert!(pool.admit(ip("2001:db8:1:3::1")).is_ok());

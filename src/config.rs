@@ -457,8 +457,8 @@ pub struct StreamConfig {
     /// TCP connections in TLS handshake at most; when full, the oldest is abandoned for a new
     /// one.
     pub max_tls_handshakes: NonZeroUsize,
-    /// Handshakes in progress from one source (IPv4 address, IPv6 /64) at most, per transport;
-    /// one more from it is refused at once.
+    /// While a handshake pool is more than half full: handshakes in progress from one source
+    /// (IPv4 address, IPv6 /64) at most; one more from it is refused at once.
     pub max_handshakes_per_source: NonZeroUsize,
     /// The handshake deadline of a connection or DTLS handshake that arrives while its pool
     /// (`max_tls_handshakes`, `max_udp_handshakes`) is more than half full (`handshake_timeout`

@@ -14,6 +14,7 @@ mod config;
 mod docker;
 mod doctor;
 mod dtls;
+mod exhaustion;
 mod header;
 mod health;
 mod http_api;
