@@ -310,13 +310,15 @@ fn run(explicit: Option<&Path>) -> ExitCode {
 /// configured caps need, within the hard limit.
 fn raise_fd_limit(config: &Config) {
     let needed = 2 * config.stream.max_connections.get() as u64
+        + config.stream.max_tls_handshakes.get() as u64
         + config.stream.max_udp_sessions.get() as u64
         + 64;
     match rlimit::increase_nofile_limit(needed) {
         Ok(got) if got < needed => warn!(
             limit = got,
             needed,
-            "the open-file limit is below what max_connections and max_udp_sessions need; \
+            "the open-file limit is below what max_connections, max_tls_handshakes and \
+             max_udp_sessions need; \
              beyond it connections fail to be accepted (raise LimitNOFILE / ulimit -n)"
         ),
         Ok(_) => {}
