@@ -390,6 +390,14 @@ pub struct TlsConfig {
     pub require_client_cert: bool,
     /// Create a fresh CA, server and client set when the files are missing (local trials).
     pub generate_if_missing: bool,
+    /// Client identities allowed (`cn:NAME`, `san:NAME`, `sha256:HEX`); empty = any
+    /// certificate from `ca`.
+    pub allow_clients: Vec<String>,
+    /// A PEM or DER certificate revocation list from the CA; `None` = no revocation check.
+    pub crl: Option<PathBuf>,
+    /// Warn this long before the server or CA certificate expires (and daily after); 0 = never.
+    #[serde(with = "humantime_serde")]
+    pub expiry_warning: Duration,
 }
 
 /// Where a piece of PEM comes from.
@@ -470,6 +478,10 @@ pub struct StreamConfig {
     /// On SIGTERM/SIGINT, how long open tunnels may go on before they are closed.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A TCP tunnel with no byte either way for this long is closed; 0 (the default) = never
+    /// (GoDoxy routes carry database connections that idle for hours).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for StreamConfig {
@@ -486,6 +498,7 @@ impl Default for StreamConfig {
             busy_handshake_timeout: Duration::from_secs(2),
             max_connections: const { non_zero(4096) },
             shutdown_grace: Duration::from_secs(10),
+            idle_timeout: Duration::ZERO,
         }
     }
 }
@@ -573,6 +586,11 @@ struct FileTls {
     key: PathBuf,
     require_client_cert: bool,
     generate_if_missing: bool,
+    allow_clients: Vec<String>,
+    #[serde(with = "optional_path")]
+    crl: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    expiry_warning: Duration,
 }
 
 impl Default for FileTls {
@@ -583,6 +601,9 @@ impl Default for FileTls {
             key: PathBuf::from("/etc/godoxy-agent/server.key"),
             require_client_cert: true,
             generate_if_missing: false,
+            allow_clients: Vec::new(),
+            crl: None,
+            expiry_warning: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -643,6 +664,9 @@ impl Config {
                 key: PemSource::File(resolve(file.tls.key)),
                 require_client_cert: file.tls.require_client_cert,
                 generate_if_missing: file.tls.generate_if_missing,
+                allow_clients: file.tls.allow_clients,
+                crl: file.tls.crl.map(resolve),
+                expiry_warning: file.tls.expiry_warning,
             },
             stream: file.stream,
             godoxy_version: file.godoxy_version,
@@ -712,6 +736,11 @@ impl Config {
                 "prometheus.listen",
                 "must not use the port of listen.tcp (e.g. 127.0.0.1:9108)",
             );
+        }
+        for entry in &self.tls.allow_clients {
+            if let Err(reason) = crate::tls::ClientId::parse(entry) {
+                invalid("tls.allow_clients", &reason);
+            }
         }
         if let Err(entries) = crate::policy::Policy::new(&self.policy) {
             for entry in entries {

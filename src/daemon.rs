@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::{Admission, PreauthLimits};
 use crate::config::Config;
+use crate::credentials::{CredentialStore, Reloader};
 use crate::dtls::cookie::Cookies;
 use crate::dtls::report::Tally;
 use crate::dtls::{self, UdpLimits, UdpShared};
@@ -23,7 +24,6 @@ use crate::policy::Policy;
 use crate::prometheus::Exporter;
 use crate::stats::{Stats, Transport};
 use crate::tcp_listener::{self, Shared};
-use crate::tls::TlsMaterial;
 use crate::tunnel::Timeouts;
 
 /// How long the start-up check of the Docker engine may take.
@@ -43,12 +43,14 @@ impl Daemon {
     /// Loads the TLS material and binds the listeners. Errors say which file or address.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         crate::tls::install_default_provider();
-        let material = TlsMaterial::load(&config.tls)?;
-        let server_config = material.server_config(config.tls.require_client_cert)?;
+        let stats = Arc::new(Stats::default());
+        let credentials = Arc::new(CredentialStore::load(
+            &config.tls,
+            config.listen.udp.is_some(),
+            stats.clone(),
+        )?);
         let tcp = bind_tcp(config.listen.tcp)
             .with_context(|| format!("listen.tcp: binding {}", config.listen.tcp))?;
-        let stats = Arc::new(Stats::default());
-        stats.set_cert_expiry(&material);
         let prometheus = Arc::new(Exporter::new(stats.clone(), config.godoxy_version.as_str()));
         let prometheus_listener = match config.prometheus.listen {
             Some(addr) => Some(
@@ -78,8 +80,6 @@ impl Daemon {
         };
         let udp = match config.listen.udp {
             Some(addr) => {
-                let dtls = dtls::server_config(&material, config.tls.require_client_cert)
-                    .context("tls.key/tls.cert for DTLS")?;
                 let (socket, granted) = dual_stack(addr, dtls::bind)
                     .with_context(|| format!("listen.udp: binding {addr}"))?;
                 if granted < dtls::SOCKET_RCVBUF {
@@ -97,7 +97,7 @@ impl Daemon {
                     preauth: preauth(config.stream.max_udp_handshakes.get()),
                 };
                 let shared = UdpShared {
-                    dtls,
+                    credentials: credentials.clone(),
                     limits,
                     stats: stats.clone(),
                     policy: policy.clone(),
@@ -113,12 +113,7 @@ impl Daemon {
             None => None,
         };
         let shared = Arc::new(Shared {
-            tls_no_alpn: {
-                let mut plain = (*server_config).clone();
-                plain.alpn_protocols.clear();
-                Arc::new(plain)
-            },
-            tls: server_config,
+            credentials,
             http: Arc::new(HttpShared {
                 info: AgentInfo::new(&config),
                 docker: Docker::new(&config.docker),
@@ -137,6 +132,7 @@ impl Daemon {
             )),
             connections: Arc::new(Semaphore::new(config.stream.max_connections.get())),
             tally: Tally::new("TLS"),
+            idle_timeout: Some(config.stream.idle_timeout).filter(|d| !d.is_zero()),
             timeouts,
             policy,
             stats,
@@ -154,12 +150,8 @@ impl Daemon {
     /// `check-config` runs.
     pub fn check_tls(config: &Config) -> anyhow::Result<()> {
         crate::tls::install_default_provider();
-        let material = TlsMaterial::load(&config.tls)?;
-        material.server_config(config.tls.require_client_cert)?;
-        if config.listen.udp.is_some() {
-            dtls::server_config(&material, config.tls.require_client_cert)
-                .context("tls.key/tls.cert for DTLS")?;
-        }
+        let stats = Arc::new(Stats::default());
+        CredentialStore::load(&config.tls, config.listen.udp.is_some(), stats)?;
         Ok(())
     }
 
@@ -189,6 +181,11 @@ impl Daemon {
         self.prometheus
             .as_ref()
             .and_then(|(listener, _)| listener.local_addr().ok())
+    }
+
+    /// Reloads the TLS material of the running daemon (SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.shared.credentials.clone())
     }
 
     /// The counters, shared with the running daemon.
@@ -258,6 +255,12 @@ impl Daemon {
         });
         // Host metrics: sampled until shutdown, then the history is saved.
         let metrics = tokio::spawn(self.shared.http.metrics.clone().run(shutdown.clone()));
+        let expiry = tokio::spawn(
+            self.shared
+                .credentials
+                .clone()
+                .watch_expiry(shutdown.clone()),
+        );
         let accept = tokio::spawn(tcp_listener::run(
             self.tcp,
             self.shared.clone(),
@@ -287,6 +290,7 @@ impl Daemon {
             let _ = demux.await;
         }
         let _ = metrics.await;
+        let _ = expiry.await;
         if let Some(scrape) = scrape {
             let _ = scrape.await;
         }

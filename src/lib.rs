@@ -13,7 +13,9 @@
 //! - `tcp_listener`: the TLS port's accept loop, handshake, routing by ALPN (`alpn`);
 //! - `admission`: the strangers' pools (TCP connections in TLS handshake, DTLS handshakes):
 //!   per-source cap, short deadline when busy, the oldest shed when full;
-//! - `tls`: certificates and keys -> rustls and webrtc-dtls configurations; `certs` makes them;
+//! - `tls`: certificates and keys -> rustls and webrtc-dtls configurations, and the rules a
+//!   client certificate must meet after every handshake; `certs` makes them; `credentials`
+//!   holds the current set (swapped by SIGHUP) and warns before certificates expire;
 //! - `protocol`: the 275-byte header and the names both ends agree on;
 //! - `tunnel`: the one pipeline (header -> probe -> destination -> dial -> relay -> closing
 //!   line), with `tunnel::tcp` and `tunnel::udp` as its two transports;
@@ -39,6 +41,7 @@ mod alpn;
 pub mod certs;
 pub mod client;
 pub mod config;
+mod credentials;
 mod daemon;
 pub mod diagnose;
 mod dtls;
@@ -54,6 +57,7 @@ mod tls;
 mod tunnel;
 
 pub use config::Config;
+pub use credentials::Reloader;
 pub use daemon::Daemon;
 pub use stats::{Stats, Transport};
 

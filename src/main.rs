@@ -293,6 +293,7 @@ fn run(explicit: Option<&Path>) -> ExitCode {
             shutdown.clone(),
             hard_stop.clone(),
         ));
+        tokio::spawn(cli::signals::watch_reload(daemon.reloader()));
         notify_systemd(&daemon);
         daemon.run_with_hard_stop(shutdown, hard_stop).await
     });

@@ -19,6 +19,7 @@ use tracing::{Instrument as _, debug, field, info_span, warn};
 
 use crate::admission::{Admission, Ticket};
 use crate::alpn::Alpn;
+use crate::credentials::{CredentialStore, Credentials};
 use crate::dtls::report::{self, Failure, Tally};
 use crate::http::{self, HttpShared};
 use crate::policy::Policy;
@@ -35,11 +36,8 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What every connection task needs.
 pub(crate) struct Shared {
-    /// TLS with client authentication and the ALPN offer.
-    pub(crate) tls: Arc<rustls::ServerConfig>,
-    /// The same without ALPN: for clients that offer only protocols we do not speak, which
-    /// PROTOCOL.md routes to the HTTP API rather than refusing.
-    pub(crate) tls_no_alpn: Arc<rustls::ServerConfig>,
+    /// The TLS configurations and client rules; each handshake reads the current set once.
+    pub(crate) credentials: Arc<CredentialStore>,
     /// For the HTTP API.
     pub(crate) http: Arc<HttpShared>,
     /// Connections whose handshake is in progress.
@@ -48,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) connections: Arc<Semaphore>,
     /// Strangers' failures, shedding and refusals, one line per interval.
     pub(crate) tally: Tally,
+    /// A TCP tunnel idle this long is closed; `None` = never.
+    pub(crate) idle_timeout: Option<Duration>,
     /// Tunnel timeouts.
     pub(crate) timeouts: Timeouts,
     /// Which tunnel destinations may be dialed.
@@ -126,8 +126,9 @@ async fn serve_connection(
 ) {
     tune(&tcp);
     let peer = tcp.peer_addr().map(|a| a.ip()).ok();
+    let credentials = shared.credentials.current();
     let handshake = tokio::select! {
-        r = timeout(ticket.deadline, handshake(tcp, &shared)) => r,
+        r = timeout(ticket.deadline, handshake(tcp, &credentials)) => r,
         // Made room for a newer stranger: counted when it was shed.
         () = ticket.shed.cancelled() => return,
         // Not a tunnel yet: no grace period.
@@ -185,6 +186,19 @@ async fn serve_connection(
     let span = tracing::Span::current();
     span.record("alpn", alpn.as_str());
     span.record("subject", subject.as_str());
+    // Expiry, allow-list and CRL, after every handshake: a resumed session was verified only
+    // when its ticket was issued.
+    if let Err(reason) = credentials
+        .clients
+        .check(conn.peer_certificates(), std::time::SystemTime::now())
+    {
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        warn!(resumed, "client refused: {reason}");
+        let mut tls = tls;
+        let _ = timeout(CLOSE_TIMEOUT, tls.shutdown()).await;
+        return;
+    }
+    drop(credentials);
 
     match alpn {
         Alpn::Stream => {
@@ -196,7 +210,11 @@ async fn serve_connection(
                 shutdown: &shutdown,
                 stop: &hard_stop,
             };
-            let report = tunnel::serve(&mut TcpLink::new(&mut tls, &shared.stats), &cx).await;
+            let report = tunnel::serve(
+                &mut TcpLink::new(&mut tls, &shared.stats, shared.idle_timeout),
+                &cx,
+            )
+            .await;
             // close_notify (a relay has sent it already; this is then a no-op), bounded.
             let _ = timeout(CLOSE_TIMEOUT, tls.shutdown()).await;
             tunnel::log_closed(&report);
@@ -218,16 +236,19 @@ async fn serve_connection(
 
 /// The TLS handshake, with the configuration picked from the ClientHello: a client offering
 /// only unknown ALPN ids completes without ALPN (and gets the HTTP API) instead of an alert.
-async fn handshake(tcp: TcpStream, shared: &Shared) -> std::io::Result<TlsStream<TcpStream>> {
+async fn handshake(
+    tcp: TcpStream,
+    credentials: &Credentials,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
     let knows_ours = match start.client_hello().alpn() {
         None => true,
         Some(mut offered) => offered.any(|id| Alpn::SERVER_OFFER.contains(&id)),
     };
     let config = if knows_ours {
-        shared.tls.clone()
+        credentials.tls.clone()
     } else {
-        shared.tls_no_alpn.clone()
+        credentials.tls_no_alpn.clone()
     };
     start.into_stream(config).await
 }

@@ -1,6 +1,8 @@
 //! SIGTERM and SIGINT: the first asks for a graceful shutdown, a second one forces the hard
-//! stop (open tunnels are closed at once instead of after the grace period).
+//! stop (open tunnels are closed at once instead of after the grace period). SIGHUP reloads
+//! the TLS material.
 
+use godoxy_agent::Reloader;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -39,4 +41,18 @@ pub async fn watch(shutdown: CancellationToken) {
     tokio::spawn(watch_with_hard_stop(shutdown, hard_stop.clone()));
     hard_stop.cancelled().await;
     std::process::exit(130);
+}
+
+/// Reloads the TLS material on each SIGHUP (`systemctl reload`), for the process's life.
+pub async fn watch_reload(reloader: Reloader) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot install the SIGHUP handler; certificates reload only on restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        info!(signal = "SIGHUP", "reloading the TLS material");
+        // Reading files and building configurations: off the async workers.
+        let reloader = reloader.clone();
+        let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+    }
 }

@@ -43,6 +43,7 @@ use self::peer::PeerConn;
 use self::preauth::Refusal;
 use self::report::Tally;
 use crate::admission::{Admission, PreauthLimits};
+use crate::credentials::CredentialStore;
 use crate::policy::Policy;
 use crate::protocol::DTLS_CIPHER_SUITE;
 use crate::stats::Stats;
@@ -76,8 +77,9 @@ pub(crate) struct UdpLimits {
 
 /// What every session task needs.
 pub(crate) struct UdpShared {
-    /// The server's DTLS configuration.
-    pub(crate) dtls: DtlsConfig,
+    /// The server's DTLS configuration and client rules; each handshake reads the current
+    /// set once.
+    pub(crate) credentials: Arc<CredentialStore>,
     /// Limits.
     pub(crate) limits: UdpLimits,
     /// Counters.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 use webrtc_dtls::conn::DTLSConn;
 use webrtc_util::Conn;
 
@@ -66,9 +66,13 @@ pub(super) async fn run(
     } = handshake;
     let peer = conn.remote_addr();
     let transport: Arc<dyn Conn + Send + Sync> = conn;
+    let credentials = shared.credentials.current();
+    let Some(config) = credentials.dtls.clone() else {
+        return; // UDP runs only with a DTLS configuration
+    };
     let deadline = ticket.deadline;
     let handshake = tokio::select! {
-        r = timeout(deadline, DTLSConn::new(transport, shared.dtls.clone(), false, None)) => r,
+        r = timeout(deadline, DTLSConn::new(transport, config, false, None)) => r,
         // Made room for a newer handshake: counted when it was shed.
         () = ticket.shed.cancelled() => return,
         // Not a tunnel yet: no grace period.
@@ -102,16 +106,27 @@ pub(super) async fn run(
     authenticated.store(true, Ordering::Release);
     Stats::bump(&stats.udp_handshakes);
     let _gauge = SessionGauge::new(stats);
-    let subject = dtls
+    let chain: Vec<CertificateDer<'static>> = dtls
         .connection_state()
         .await
         .peer_certificates
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let subject = chain
         .first()
-        .map_or_else(
-            || "<none>".to_owned(),
-            |der| crate::tls::subject(&CertificateDer::from(der.as_slice())),
-        );
+        .map_or_else(|| "<none>".to_owned(), crate::tls::subject);
     tracing::Span::current().record("subject", subject.as_str());
+    // Expiry, allow-list and CRL: the same rule as on the TLS port.
+    if let Err(reason) = credentials
+        .clients
+        .check(Some(&chain), std::time::SystemTime::now())
+    {
+        warn!("client refused: {reason}");
+        let _ = timeout(CLOSE_TIMEOUT, dtls.close()).await;
+        return;
+    }
+    drop(credentials);
 
     let cx = tunnel::Context {
         timeouts: limits.timeouts,

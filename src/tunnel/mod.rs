@@ -69,7 +69,7 @@ pub(crate) enum End {
     Eof,
     /// UDP: the client closed the session (close_notify or a fatal alert).
     ClientClosed,
-    /// UDP: no datagram either way for the idle timeout.
+    /// No datagram (UDP) or byte (TCP, `stream.idle_timeout`) either way for the idle timeout.
     Idle,
     /// A health probe: the header was valid; nothing was dialed.
     Probe,

@@ -13,8 +13,10 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 /// 64 KiB: reads from the plain side fill four TLS records that go out in one writev, and a
 /// read from the TLS side can take several records at once.
@@ -162,7 +164,53 @@ impl Relay {
         A: AsyncRead + AsyncWrite + Unpin + ?Sized,
         B: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
+        poll_fn(|cx| self.poll_both(cx, a, b, live)).await
+    }
+
+    /// As [`Relay::run`], but ends with `Ok(false)` once no byte has been read either way for
+    /// `idle` (`Ok(true)` when both directions reached EOF).
+    pub async fn run_until_idle<A, B>(
+        &mut self,
+        a: &mut A,
+        b: &mut B,
+        live: Option<&[&AtomicU64; 2]>,
+        idle: Duration,
+    ) -> io::Result<bool>
+    where
+        A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        let mut timer = std::pin::pin!(tokio::time::sleep(idle));
+        let mut seen = 0;
         poll_fn(|cx| {
+            if let Poll::Ready(result) = self.poll_both(cx, a, b, live) {
+                return Poll::Ready(result.map(|()| true));
+            }
+            let total = self.a_to_b.bytes + self.b_to_a.bytes;
+            if total != seen {
+                seen = total;
+                timer.as_mut().reset(Instant::now() + idle);
+            }
+            match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Ok(false)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    fn poll_both<A, B>(
+        &mut self,
+        cx: &mut Context<'_>,
+        a: &mut A,
+        b: &mut B,
+        live: Option<&[&AtomicU64; 2]>,
+    ) -> Poll<io::Result<()>>
+    where
+        A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        {
             let forward = if self.a_to_b.done {
                 Poll::Ready(Ok(()))
             } else {
@@ -186,8 +234,7 @@ impl Relay {
             } else {
                 Poll::Pending
             }
-        })
-        .await
+        }
     }
 }
 

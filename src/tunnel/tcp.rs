@@ -18,11 +18,17 @@ use crate::stats::{Stats, Transport};
 pub(crate) struct TcpLink<'a, S> {
     client: &'a mut S,
     stats: &'a Stats,
+    /// No byte either way for this long ends the relay; `None` = never.
+    idle: Option<Duration>,
 }
 
 impl<'a, S> TcpLink<'a, S> {
-    pub(crate) fn new(client: &'a mut S, stats: &'a Stats) -> Self {
-        Self { client, stats }
+    pub(crate) fn new(client: &'a mut S, stats: &'a Stats, idle: Option<Duration>) -> Self {
+        Self {
+            client,
+            stats,
+            idle,
+        }
     }
 }
 
@@ -63,14 +69,27 @@ where
         let i = Transport::Tcp.index();
         let live = [&self.stats.up_bytes[i], &self.stats.down_bytes[i]];
         let result = tokio::select! {
-            r = relay.run(self.client, &mut upstream, Some(&live)) => Some(r),
+            r = async {
+                match self.idle {
+                    Some(idle) => {
+                        relay
+                            .run_until_idle(self.client, &mut upstream, Some(&live), idle)
+                            .await
+                    }
+                    None => relay
+                        .run(self.client, &mut upstream, Some(&live))
+                        .await
+                        .map(|()| true),
+                }
+            } => Some(r),
             () = stop.cancelled() => None,
         };
         counts.up_bytes = relay.a_to_b();
         counts.down_bytes = relay.b_to_a();
         match result {
             None => End::Shutdown,
-            Some(Ok(())) => End::Eof,
+            Some(Ok(true)) => End::Eof,
+            Some(Ok(false)) => End::Idle,
             // Many TLS clients close the socket without close_notify after a complete exchange.
             Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => End::Eof,
             Some(Err(e)) => End::Io(e),
