@@ -30,11 +30,11 @@ async fn sighup_swaps_the_certificates_for_new_handshakes_only() {
     // The server certificate lives 30 days: a 40-day warning fires at start-up.
     std::fs::write(&config, old.config_text("expiry_warning = \"40d\"", "")).unwrap();
     let mut agent = Running::start(&config);
+    let listening = agent.wait_for(&["agent listening", "udp=127.0.0.1:"]).await;
     let warning = agent
         .wait_for(&["server certificate expires soon", "days_left=29"])
         .await;
     assert!(warning.contains("WARN"), "{warning}");
-    let listening = agent.wait_for(&["agent listening", "udp=127.0.0.1:"]).await;
     let addr: SocketAddr = field(&listening, "tcp").parse().unwrap();
     let udp: SocketAddr = field(&listening, "udp").parse().unwrap();
     let (tcp_echo, udp_echo) = (TcpEcho::start().await, UdpEcho::start().await);
