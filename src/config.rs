@@ -394,6 +394,7 @@ pub struct TlsConfig {
     /// certificate from `ca`.
     pub allow_clients: Vec<String>,
     /// A PEM or DER certificate revocation list from the CA; `None` = no revocation check.
+    #[serde(serialize_with = "optional_path::serialize")]
     pub crl: Option<PathBuf>,
     /// Warn this long before the server or CA certificate expires (and daily after); 0 = never.
     #[serde(with = "humantime_serde")]
@@ -1048,6 +1049,9 @@ mod tests {
         assert_eq!(c.listen.tcp.port(), 8890);
         assert_eq!(c.stream.header_timeout, Duration::from_secs(10));
         assert!(c.tls.require_client_cert);
+        assert!(c.tls.allow_clients.is_empty() && c.tls.crl.is_none());
+        assert_eq!(c.tls.expiry_warning, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.stream.idle_timeout, Duration::ZERO);
     }
 
     #[test]
