@@ -7,12 +7,13 @@
 //!   (a GoDoxy server opening a hundred tunnels at once from one address);
 //! - an entry admitted while the pool is busy gets the short deadline (`busy_timeout`) instead
 //!   of the full one;
-//! - when the pool is full, the oldest entry is shed (its handshake is abandoned) to make room,
-//!   rather than refusing the newcomer, so a stalled flood ages out and fresh clients get in.
+//! - when the pool is full, an entry is shed (its handshake abandoned) to make room rather than
+//!   refusing the newcomer: the oldest of the source holding the most, so a flood sheds itself
+//!   and a source with a single handshake in progress goes last.
 //!
 //! Authenticated connections and sessions leave the pool the moment their handshake completes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::AtomicU64;
@@ -107,21 +108,37 @@ pub(crate) struct Admission {
 struct Inner {
     /// Entries by admission order: the first is the oldest.
     order: BTreeMap<u64, (Source, CancellationToken)>,
-    per_source: HashMap<Source, usize>,
+    /// Each source's entries, oldest first.
+    per_source: HashMap<Source, BTreeSet<u64>>,
     next: u64,
 }
 
 impl Inner {
+    fn count(&self, source: Source) -> usize {
+        self.per_source.get(&source).map_or(0, BTreeSet::len)
+    }
+
     /// Takes entry `id` out, if it is still in.
     fn remove(&mut self, id: u64) -> Option<(Source, CancellationToken)> {
         let (source, shed) = self.order.remove(&id)?;
-        if let Some(n) = self.per_source.get_mut(&source) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(ids) = self.per_source.get_mut(&source) {
+            ids.remove(&id);
+            if ids.is_empty() {
                 self.per_source.remove(&source);
             }
         }
         Some((source, shed))
+    }
+
+    /// The entry to shed: the oldest of the source holding the most (of those, the one whose
+    /// oldest is oldest). A source with one handshake in progress, such as a GoDoxy server, is
+    /// shed last; a flood sheds itself.
+    fn victim(&self) -> Option<u64> {
+        self.per_source
+            .values()
+            .filter_map(|ids| Some((ids.len(), *ids.first()?)))
+            .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+            .map(|(_, oldest)| oldest)
     }
 }
 
@@ -152,19 +169,19 @@ impl Admission {
         }
     }
 
-    /// Admits a stranger from `ip`, shedding the oldest entry when the pool is full.
+    /// Admits a stranger from `ip`, shedding an entry when the pool is full (`Inner::victim`).
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, SourceFull> {
         let source = Source::of(ip);
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let busy = inner.order.len() >= self.limits.capacity / 2;
-        if busy && inner.per_source.get(&source).copied().unwrap_or(0) >= self.limits.per_source {
+        if busy && inner.count(source) >= self.limits.per_source {
             drop(inner);
             Stats::bump(refused_counter(self.transport, &self.stats));
             return Err(SourceFull);
         }
         let mut displaced = None;
         if inner.order.len() >= self.limits.capacity
-            && let Some(oldest) = inner.order.keys().next().copied()
+            && let Some(oldest) = inner.victim()
             && let Some((victim, shed)) = inner.remove(oldest)
         {
             shed.cancel();
@@ -180,7 +197,7 @@ impl Admission {
         let id = inner.next;
         let shed = CancellationToken::new();
         inner.order.insert(id, (source, shed.clone()));
-        *inner.per_source.entry(source).or_default() += 1;
+        inner.per_source.entry(source).or_default().insert(id);
         Stats::set(gauge(self.transport, &self.stats), inner.order.len() as u64);
         Ok(Ticket {
             pool: self.clone(),
@@ -253,6 +270,22 @@ mod tests {
         let _c = pool.admit(ip("10.0.0.1")).unwrap();
         assert_eq!(Stats::get(&pool.stats.preauth_refused_tcp), 2);
         assert_eq!(Stats::get(&pool.stats.preauth_tcp), 3);
+    }
+
+    #[test]
+    fn the_largest_source_sheds_first() {
+        let pool = pool(4, 16);
+        let lone = pool.admit(ip("10.0.0.1")).unwrap();
+        let flood: Vec<Ticket> = (0..3)
+            .map(|_| pool.admit(ip("10.0.0.9")).unwrap())
+            .collect();
+        let newcomer = pool.admit(ip("10.0.0.9")).unwrap();
+        assert!(!lone.shed.is_cancelled());
+        assert!(flood[0].shed.is_cancelled());
+        assert_eq!(newcomer.displaced, Some(Source::of(ip("10.0.0.9"))));
+        let _other = pool.admit(ip("10.0.0.2")).unwrap();
+        assert!(flood[1].shed.is_cancelled());
+        assert!(!lone.shed.is_cancelled());
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub(crate) async fn run(
     hard_stop: CancellationToken,
 ) {
     let mut backoff = ACCEPT_BACKOFF_FIRST;
+    let mut last_accept_warning = None;
     let mut report_tick = interval_at(
         Instant::now() + report::REPORT_INTERVAL,
         report::REPORT_INTERVAL,
@@ -86,7 +87,13 @@ pub(crate) async fn run(
                 conn
             }
             Err(err) => {
-                warn!(%err, retry_in = ?backoff, "accept failed");
+                // At most one line a second however accepts and failures alternate.
+                if last_accept_warning
+                    .is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1))
+                {
+                    warn!(%err, retry_in = ?backoff, "accept failed");
+                    last_accept_warning = Some(Instant::now());
+                }
                 if shutdown.run_until_cancelled(sleep(backoff)).await.is_none() {
                     break;
                 }
@@ -128,6 +135,8 @@ async fn serve_connection(
     let peer = tcp.peer_addr().map(|a| a.ip()).ok();
     let credentials = shared.credentials.current();
     let handshake = tokio::select! {
+        // A handshake that completed wins over a shed or a shutdown in the same poll.
+        biased;
         r = timeout(ticket.deadline, handshake(tcp, &credentials)) => r,
         // Made room for a newer stranger: counted when it was shed.
         () = ticket.shed.cancelled() => return,
@@ -165,10 +174,13 @@ async fn serve_connection(
     };
     Stats::bump(&shared.stats.tls_handshakes);
     let Ok(_permit) = shared.connections.clone().try_acquire_owned() else {
-        Stats::bump(&shared.stats.tcp_refused_connections);
         // Authenticated clients, but a loop of them must not flood the log: the first refusal
         // and then one per 1000, with the running count.
-        let refused = Stats::get(&shared.stats.tcp_refused_connections);
+        let refused = shared
+            .stats
+            .tcp_refused_connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         if refused % 1000 == 1 {
             warn!(
                 refused,

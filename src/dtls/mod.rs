@@ -241,6 +241,7 @@ pub(crate) async fn run(
                         // from the same address starts afresh below.
                         Err(mpsc::error::TrySendError::Closed(_)) => {
                             peers.remove(&peer);
+                            Stats::set(&stats.udp_table, peers.len() as u64);
                         }
                     }
                 }

@@ -72,6 +72,8 @@ pub(super) async fn run(
     };
     let deadline = ticket.deadline;
     let handshake = tokio::select! {
+        // A handshake that completed wins over a shed or a shutdown in the same poll.
+        biased;
         r = timeout(deadline, DTLSConn::new(transport, config, false, None)) => r,
         // Made room for a newer handshake: counted when it was shed.
         () = ticket.shed.cancelled() => return,

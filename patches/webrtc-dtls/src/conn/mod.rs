@@ -276,6 +276,13 @@ impl DTLSConn {
             (
                 State {
                     is_client,
+                    // The caller's HelloVerifyRequest was epoch 0's record 0: even an alert
+                    // refusing the ClientHello must be numbered after it.
+                    local_sequence_number: Arc::new(Mutex::new(if first_message_seq {
+                        vec![1]
+                    } else {
+                        vec![]
+                    })),
                     ..Default::default()
                 },
                 flight,

@@ -178,13 +178,10 @@ impl Flight for Flight0 {
             }
 
             if cfg.hello_verified_by_caller {
-                // The caller's HelloVerifyRequest was message 0 and record 0 of epoch 0.
+                // The caller's HelloVerifyRequest was message 0 (and record 0: `DTLSConn::new`
+                // numbers this connection's records from 1).
                 state.cookie.clone_from(&client_hello.cookie);
                 state.handshake_send_sequence = 1;
-                let mut records = state.local_sequence_number.lock().await;
-                if records.is_empty() {
-                    records.push(1);
-                }
                 return Ok(Box::new(Flight4 {}));
             }
             Ok(Box::new(Flight2 {}))
