@@ -8,14 +8,24 @@
 #   docker run ... -v /var/run/docker.sock:/var/run/docker.sock:ro \
 #     --group-add "$(stat -c %g /var/run/docker.sock)" godoxy-agent
 #
-# Normal build (pulls rust:alpine for the builder stage):
+# Normal build (pulls rust:alpine for the builder stage, of the platform being built):
 #   docker build -t godoxy-agent .
 # Without any registry: build the static binary on the host and hand its folder in as the
-# `builder` stage; the final stage is FROM scratch, so nothing is pulled at all:
-#   cargo build --release --locked --bin godoxy-agent --target x86_64-unknown-linux-musl
-#   mkdir -p /tmp/ctx && cp target/x86_64-unknown-linux-musl/release/godoxy-agent /tmp/ctx/
-#   podman build --build-context builder=/tmp/ctx -t godoxy-agent .
-#   (docker buildx build --build-context builder=/tmp/ctx ... does the same)
+# `builder` stage; the final stage is FROM scratch, so nothing is pulled and nothing runs in the
+# image, for either architecture (no emulation needed to build the arm64 image):
+#   x86_64 (linux/amd64):
+#     cargo build --release --locked --bin godoxy-agent --target x86_64-unknown-linux-musl
+#     install -d -m 0700 /tmp/ctx-amd64/state && cp target/x86_64-unknown-linux-musl/release/godoxy-agent /tmp/ctx-amd64/
+#     podman build --format docker --platform linux/amd64 --build-context builder=/tmp/ctx-amd64 -t godoxy-agent:amd64 .
+#   aarch64 (linux/arm64), with Debian's gcc-aarch64-linux-gnu for ring's C and the link:
+#     CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc \
+#     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=aarch64-linux-gnu-gcc \
+#       cargo build --release --locked --bin godoxy-agent --target aarch64-unknown-linux-musl
+#     install -d -m 0700 /tmp/ctx-arm64/state && cp target/aarch64-unknown-linux-musl/release/godoxy-agent /tmp/ctx-arm64/
+#     podman build --format docker --platform linux/arm64 --build-context builder=/tmp/ctx-arm64 -t godoxy-agent:arm64 .
+#   (docker buildx build --build-context builder=DIR --platform ... does the same.)
+# scripts/release.sh does both, checks the size budget and joins the two images into one
+# multi-arch manifest (podman manifest); see docs/DEPLOY.md#release-builds.
 
 ARG RUST_IMAGE=docker.io/library/rust:1-alpine
 
