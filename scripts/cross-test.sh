@@ -208,19 +208,19 @@ else
   cat "$WORK/agent.log"; die "the aarch64 agent did not start"
 fi
 
-X86C=("$X86" --certs "$C")
-if out=$(timeout 60 "${X86C[@]}" probe --server "127.0.0.1:$PORT" --all 2>&1); then
+if out=$(timeout 60 "$X86" probe --certs "$C" --server "127.0.0.1:$PORT" --all 2>&1); then
   pass "x86_64 probe --all against the aarch64 agent: $(tr '\n' ';' <<<"$out")"
 else
   fail "x86_64 probe --all against the aarch64 agent: $out"
 fi
 
-"${X86C[@]}" forward --server "127.0.0.1:$PORT" --listen "127.0.0.1:$FWD_TCP" \
+"$X86" forward --certs "$C" --server "127.0.0.1:$PORT" --listen "127.0.0.1:$FWD_TCP" \
   --target "127.0.0.1:$ECHO_PORT" >"$WORK/fwd-tcp.log" 2>&1 &
-PIDS+=($!)
-"${X86C[@]}" forward --server "127.0.0.1:$PORT" --listen "127.0.0.1:$FWD_UDP" \
+FWD_PIDS=($!)
+"$X86" forward --certs "$C" --server "127.0.0.1:$PORT" --listen "127.0.0.1:$FWD_UDP" \
   --target "127.0.0.1:$ECHO_PORT" --udp >"$WORK/fwd-udp.log" 2>&1 &
-PIDS+=($!)
+FWD_PIDS+=($!)
+PIDS+=("${FWD_PIDS[@]}")
 wait_log "$WORK/fwd-tcp.log" 'forwarding TCP' || fail "forward (TCP) did not start: $(cat "$WORK/fwd-tcp.log")"
 wait_log "$WORK/fwd-udp.log" 'forwarding UDP' || fail "forward --udp did not start: $(cat "$WORK/fwd-udp.log")"
 cat >"$WORK/client.py" <<'PY'
@@ -259,10 +259,16 @@ for proto in tcp udp; do
     fail "$proto echo through the aarch64 agent: $out"
   fi
 done
-if grep -q 'tunnel closed\|tunnel opened\|udp session' "$WORK/agent.log" ||
-   grep -q "destination=\"\?127.0.0.1:$ECHO_PORT" "$WORK/agent.log"; then
-  pass "aarch64 agent logged the tunnels: $(grep -c "127.0.0.1:$ECHO_PORT" "$WORK/agent.log") line(s) naming the echo server"
-fi
+# The forwards drain on SIGTERM (close_notify), so the agent ends both tunnels and logs them.
+kill -TERM "${FWD_PIDS[@]}" 2>/dev/null || true
+wait "${FWD_PIDS[@]}" 2>/dev/null || true
+for proto in tcp udp; do
+  if wait_log "$WORK/agent.log" "tunnel closed transport=$proto destination=127.0.0.1:$ECHO_PORT up_bytes="; then
+    pass "aarch64 agent logged: $(grep -o "tunnel closed transport=$proto destination=[^ ]* up_bytes=[0-9]* down_bytes=[0-9]*" "$WORK/agent.log" | head -1)"
+  else
+    fail "aarch64 agent: no 'tunnel closed transport=$proto ...' line"; grep 'tunnel closed' "$WORK/agent.log" | tail -3
+  fi
+done
 
 # The image's health command, run by the aarch64 binary against the aarch64 agent.
 if out=$(timeout 60 env AGENT_PORT="$PORT" "${ARMQ[@]}" health --config "$WORK/agent/config.toml" --timeout 10s 2>&1); then
@@ -302,9 +308,10 @@ IMGC="$IMAGE-arm64"
 podman image exists "$IMGC" || die "no image $IMGC from release.sh"
 if [ -n "$binfmt" ]; then
   echo "NOTE: binfmt_misc: qemu-aarch64 registered ($(sed -n 's/^flags: //p' /proc/sys/fs/binfmt_misc/qemu-aarch64) flags${BINFMT_ENABLED_HERE:+, enabled by this script}); the arm64 image runs under podman --arch arm64"
+  grep -E '^AGENT_(CA|SSL)_CERT=' "$C/godoxy.env" >"$WORK/agent.env"
   if "${PODMAN[@]}" run -d --name "$CTR" --arch arm64 \
        -p "127.0.0.1:$CPORT:8890/tcp" -p "127.0.0.1:$CPORT:8890/udp" \
-       --env-file <(grep -E '^AGENT_(CA|SSL)_CERT=' "$C/godoxy.env") \
+       --env-file "$WORK/agent.env" \
        -e AGENT_NAME=cross-test-arm64 -e AGENT_PORT=8890 \
        --read-only --cap-drop ALL --health-interval=disable \
        "$IMAGE" >/dev/null 2>"$WORK/run.err"; then
@@ -326,7 +333,7 @@ if [ -n "$binfmt" ]; then
     else
       fail "arm64 HEALTHCHECK: $out $(podman inspect --format '{{json .State.Health}}' "$CTR")"
     fi
-    if out=$(timeout 60 "${X86C[@]}" probe --server "127.0.0.1:$CPORT" --all 2>&1); then
+    if out=$(timeout 60 "$X86" probe --certs "$C" --server "127.0.0.1:$CPORT" --all 2>&1); then
       pass "x86_64 probe --all against the arm64 container: $(tr '\n' ';' <<<"$out")"
     else
       fail "x86_64 probe --all against the arm64 container: $out"
