@@ -6,9 +6,9 @@
 #   3. the aarch64 binary run by qemu-aarch64-static: --version, `certs init`, `check-config`,
 #      and a live agent that the x86_64 binary, as the client, reaches: `probe --all`, a TCP
 #      and a UDP echo through tunnels (`forward`), the agent's `health`, exit 0 on SIGTERM;
-#   4. the arm64 image: where the kernel lets binfmt_misc be registered, `podman run --arch
-#      arm64` of the multi-arch manifest and the image's HEALTHCHECK (`podman healthcheck
-#      run`), plus `probe --all` through the published ports; where it does not, the image's
+#   4. the arm64 image: where the kernel lets binfmt_misc be registered, the manifest list's
+#      arm64 entry is that image, `podman run --arch arm64` of it and its HEALTHCHECK (`podman
+#      healthcheck run`), plus `probe --all` through the published ports; where it does not, the image's
 #      binary is extracted and run under qemu directly with the image's health command. A NOTE
 #      line says which was possible.
 # Prints PASS/FAIL lines and exits non-zero on any failure. Cleans up what it made (images,
@@ -308,22 +308,32 @@ IMGC="$IMAGE-arm64"
 podman image exists "$IMGC" || die "no image $IMGC from release.sh"
 if [ -n "$binfmt" ]; then
   echo "NOTE: binfmt_misc: qemu-aarch64 registered ($(sed -n 's/^flags: //p' /proc/sys/fs/binfmt_misc/qemu-aarch64) flags${BINFMT_ENABLED_HERE:+, enabled by this script}); the arm64 image runs under podman --arch arm64"
+  # The manifest list's linux/arm64 entry must be the image run below. (podman 4.3 does not
+  # pick another architecture's instance from a local list for `run --arch`, so the
+  # per-architecture image is run; a registry pull picks it by the list.)
+  list_digest=$(podman manifest inspect "$IMAGE" | python3 -c 'import json,sys
+print(" ".join(m["digest"] for m in json.load(sys.stdin)["manifests"] if m["platform"]["architecture"] == "arm64"))')
+  img_digest=$(podman image inspect --format '{{.Digest}}' "$IMGC")
+  if [ -n "$list_digest" ] && [ "$list_digest" = "$img_digest" ]; then
+    pass "manifest $IMAGE: linux/arm64 -> $list_digest, the image $IMGC"
+  else
+    fail "manifest $IMAGE: linux/arm64 -> '$list_digest', but $IMGC is $img_digest"
+  fi
   grep -E '^AGENT_(CA|SSL)_CERT=' "$C/godoxy.env" >"$WORK/agent.env"
   if "${PODMAN[@]}" run -d --name "$CTR" --arch arm64 \
        -p "127.0.0.1:$CPORT:8890/tcp" -p "127.0.0.1:$CPORT:8890/udp" \
        --env-file "$WORK/agent.env" \
        -e AGENT_NAME=cross-test-arm64 -e AGENT_PORT=8890 \
        --read-only --cap-drop ALL --health-interval=disable \
-       "$IMAGE" >/dev/null 2>"$WORK/run.err"; then
-    pass "podman run --arch arm64 $IMAGE (the manifest list)"
+       "$IMGC" >/dev/null 2>"$WORK/run.err"; then
+    pass "podman run --arch arm64 $IMGC"
   else
     fail "podman run --arch arm64: $(cat "$WORK/run.err")"
   fi
-  arch=$(podman inspect --format '{{.ImageName}}' "$CTR" 2>/dev/null)
-  img_arch=$(podman image inspect --format '{{.Architecture}}' \
+  img_arch=$(podman image inspect --format '{{.Os}}/{{.Architecture}}' \
                "$(podman inspect --format '{{.Image}}' "$CTR" 2>/dev/null)" 2>/dev/null || true)
-  [ "$img_arch" = arm64 ] && pass "the container runs the arm64 image ($arch)" ||
-    fail "the container's image architecture is '$img_arch'"
+  [ "$img_arch" = linux/arm64 ] && pass "the container's image is $img_arch" ||
+    fail "the container's image is '$img_arch'"
   if wait_port "$CPORT"; then
     # The same check the x86_64 image passes in scripts/container-test.sh.
     if out=$("${PODMAN[@]}" healthcheck run "$CTR" 2>&1); then
@@ -346,7 +356,7 @@ if [ -n "$binfmt" ]; then
   [ "$code" = 0 ] && pass "arm64 container: stop -> exit 0" || fail "arm64 container: stop -> exit '$code'"
 else
   echo "NOTE: binfmt_misc for qemu-aarch64 is not available here${GDA_CROSS_NO_BINFMT:+ (GDA_CROSS_NO_BINFMT=1)}; the image's binary is extracted and run under $QEMU directly"
-  "${PODMAN[@]}" create --name "$CTR" "$IMGC" >/dev/null || die "podman create $IMGC"
+  "${PODMAN[@]}" create --name "$CTR" --arch arm64 "$IMGC" >/dev/null || die "podman create $IMGC"
   "${PODMAN[@]}" cp "$CTR:/godoxy-agent" "$WORK/image-godoxy-agent" || die "podman cp from $IMGC"
   if cmp -s "$WORK/image-godoxy-agent" "$ARM"; then
     pass "the arm64 image's /godoxy-agent is the aarch64 release binary"
