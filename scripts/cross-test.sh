@@ -264,7 +264,7 @@ kill -TERM "${FWD_PIDS[@]}" 2>/dev/null || true
 wait "${FWD_PIDS[@]}" 2>/dev/null || true
 for proto in tcp udp; do
   if wait_log "$WORK/agent.log" "tunnel closed transport=$proto destination=127.0.0.1:$ECHO_PORT up_bytes="; then
-    pass "aarch64 agent logged: $(grep -o "tunnel closed transport=$proto destination=[^ ]* up_bytes=[0-9]* down_bytes=[0-9]*" "$WORK/agent.log" | head -1)"
+    pass "aarch64 agent logged: $(grep -o "tunnel closed transport=$proto destination=127.0.0.1:$ECHO_PORT up_bytes=[0-9]* down_bytes=[0-9]*" "$WORK/agent.log" | head -1)"
   else
     fail "aarch64 agent: no 'tunnel closed transport=$proto ...' line"; grep 'tunnel closed' "$WORK/agent.log" | tail -3
   fi
