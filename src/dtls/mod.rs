@@ -17,6 +17,7 @@
 pub(crate) mod cookie;
 mod peer;
 pub(crate) mod preauth;
+pub(crate) mod record;
 pub(crate) mod report;
 mod session;
 
@@ -28,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::Bytes;
+use bytes::BytesMut;
 use rustls::RootCertStore;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -154,7 +155,11 @@ pub(crate) fn admit(datagram: &[u8], ciphertext: &mut usize) -> Result<preauth::
 
 struct Entry {
     id: u64,
-    tx: mpsc::Sender<Bytes>,
+    /// Handshake records, to webrtc-dtls through `PeerConn`.
+    tx: mpsc::Sender<BytesMut>,
+    /// Protected records (application data, alerts), and every datagram once the handshake
+    /// has completed: the session's own record layer (`record`) reads them.
+    data: mpsc::Sender<BytesMut>,
     /// Set by the session once its handshake has completed: from then on its datagrams go to
     /// webrtc-dtls unchecked.
     authenticated: Arc<AtomicBool>,
@@ -225,13 +230,19 @@ pub(crate) async fn run(
                 // one datagram held in a slow peer's queue pin a whole pool block.
                 let datagram = &buf[..n];
                 if let Some(entry) = peers.get_mut(&peer) {
-                    if !entry.authenticated.load(Ordering::Acquire)
+                    let authenticated = entry.authenticated.load(Ordering::Acquire);
+                    if !authenticated
                         && let Err(reason) = admit(datagram, &mut entry.ciphertext)
                     {
                         refuse(peer, reason);
                         continue;
                     }
-                    match entry.tx.try_send(Bytes::copy_from_slice(datagram)) {
+                    let queue = if authenticated || record::is_protected(datagram) {
+                        &entry.data
+                    } else {
+                        &entry.tx
+                    };
+                    match queue.try_send(BytesMut::from(datagram)) {
                         Ok(()) => continue,
                         Err(mpsc::error::TrySendError::Full(_)) => {
                             Stats::bump(&stats.udp_queue_drops);
@@ -296,15 +307,17 @@ pub(crate) async fn run(
                 }
                 next_id += 1;
                 let (tx, rx) = mpsc::channel(PEER_QUEUE);
-                if tx.try_send(Bytes::copy_from_slice(datagram)).is_err() {
+                if tx.try_send(BytesMut::from(datagram)).is_err() {
                     continue; // a fresh queue has room: unreachable
                 }
+                let (data, datagrams) = mpsc::channel(PEER_QUEUE);
                 let authenticated = Arc::new(AtomicBool::new(false));
                 peers.insert(
                     peer,
                     Entry {
                         id: next_id,
                         tx,
+                        data,
                         authenticated: authenticated.clone(),
                         ciphertext,
                     },
@@ -320,7 +333,12 @@ pub(crate) async fn run(
                 let span = info_span!("udp", %peer, subject = field::Empty);
                 tasks.spawn(
                     async move {
-                        let handshake = session::Handshake { ticket, authenticated, tally };
+                        let handshake = session::Handshake {
+                            ticket,
+                            authenticated,
+                            tally,
+                            datagrams,
+                        };
                         session::run(conn, shared, handshake, soft, stop).await;
                         let _ = done.send((peer, id));
                     }

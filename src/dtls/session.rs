@@ -1,11 +1,14 @@
-//! One DTLS session's life: handshake under a timeout, then the tunnel pipeline, then
-//! close_notify and the closing line.
+//! One DTLS session's life: handshake under a timeout (webrtc-dtls), the client's identity,
+//! then the keys taken over by the session's own record layer and webrtc-dtls dropped, the
+//! tunnel pipeline, close_notify and the closing line.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use rustls_pki_types::CertificateDer;
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -14,6 +17,7 @@ use webrtc_util::Conn;
 
 use super::UdpShared;
 use super::peer::PeerConn;
+use super::record;
 use super::report::{Failure, Tally};
 use crate::admission::Ticket;
 use crate::stats::{Stats, Transport};
@@ -47,6 +51,9 @@ pub(super) struct Handshake {
     pub(super) authenticated: Arc<AtomicBool>,
     /// Where a failed handshake is counted (a stranger's failures are not logged one by one).
     pub(super) tally: Arc<Tally>,
+    /// The peer's protected records (and every datagram once authenticated), for the
+    /// session's own record layer.
+    pub(super) datagrams: mpsc::Receiver<BytesMut>,
 }
 
 /// Runs one peer's session to its end and logs it.
@@ -63,9 +70,10 @@ pub(super) async fn run(
         ticket,
         authenticated,
         tally,
+        datagrams,
     } = handshake;
     let peer = conn.remote_addr();
-    let transport: Arc<dyn Conn + Send + Sync> = conn;
+    let transport: Arc<dyn Conn + Send + Sync> = conn.clone();
     let credentials = shared.credentials.current();
     let Some(config) = credentials.dtls.clone() else {
         return; // UDP runs only with a DTLS configuration
@@ -129,6 +137,28 @@ pub(super) async fn run(
         return;
     }
     drop(credentials);
+    // From here the session protects its records itself; dropping the DTLSConn ends its
+    // tasks and frees its buffers and handshake cache.
+    let keys = match dtls
+        .record_keys()
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|keys| record::split(&keys).map_err(|e| e.to_string()))
+    {
+        Ok(keys) => keys,
+        Err(err) => {
+            warn!("DTLS session without usable record keys: {err}");
+            let _ = timeout(CLOSE_TIMEOUT, dtls.close()).await;
+            return;
+        }
+    };
+    drop(dtls);
+    let Some(peer) = peer else {
+        return; // a demultiplexed peer always has an address
+    };
+    let flight = conn.take_last_flight();
+    let socket = conn.socket();
+    drop(conn);
 
     let cx = tunnel::Context {
         timeouts: limits.timeouts,
@@ -137,10 +167,15 @@ pub(super) async fn run(
         shutdown: &shutdown,
         stop: &stop,
     };
-    let mut link = UdpLink::new(&dtls, limits.idle_timeout, stats);
+    let mut link = UdpLink::new(
+        keys,
+        datagrams,
+        (socket, peer),
+        flight,
+        limits.idle_timeout,
+        stats,
+    );
     let report = tunnel::serve(&mut link, &cx).await;
-    drop(link);
-    // close_notify, bounded: a vanished peer must not hold the session.
-    let _ = timeout(CLOSE_TIMEOUT, dtls.close()).await;
+    link.close().await;
     tunnel::log_closed(&report);
 }

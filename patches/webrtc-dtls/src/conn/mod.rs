@@ -1,5 +1,7 @@
 #[cfg(test)]
 mod conn_test;
+mod record_keys;
+pub use record_keys::RecordKeys;
 
 use std::io::{BufReader, BufWriter};
 use std::marker::{Send, Sync};
