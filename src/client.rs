@@ -18,6 +18,8 @@ use tokio_rustls::client::TlsStream;
 use webrtc_dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
 use webrtc_dtls::conn::DTLSConn;
 
+use crate::dtls::record::{self, Opener, PAYLOAD_AT, Sealer, content};
+
 use crate::config::Config;
 use crate::protocol::{
     ALPN_HTTP1, ALPN_STREAM, DTLS_CIPHER_SUITE, DTLS_READ_BUF, SERVER_NAME, TunnelHeader,
@@ -154,14 +156,29 @@ impl ClientTls {
         local: Option<SocketAddr>,
         handshake_timeout: Duration,
     ) -> Result<UdpTunnel, DtlsConnectError> {
-        let (conn, socket) = self
+        let (conn, transport) = self
             .handshake_dtls(server, local, handshake_timeout)
             .await?;
-        let local = socket.local_addr()?;
+        let keys = conn.record_keys().await?;
+        let (sealer, opener) = record::split(&keys).map_err(|e| io::Error::other(e.to_string()))?;
+        // The session protects its own records from here: dropping the DTLSConn stops its
+        // reader; what that reader diverted meanwhile waits in `early`.
+        drop(conn);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while Arc::strong_count(&transport) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let socket = transport.socket.clone();
+        let early = std::mem::take(&mut *lock(&transport.early));
         Ok(UdpTunnel {
-            conn,
-            local,
+            local: socket.local_addr()?,
             socket,
+            sealer,
+            opener: std::sync::Mutex::new(Inbox {
+                opener,
+                early,
+                held: None,
+            }),
         })
     }
 
@@ -170,14 +187,17 @@ impl ClientTls {
         server: SocketAddr,
         local: Option<SocketAddr>,
         within: Duration,
-    ) -> Result<(DTLSConn, Arc<UdpSocket>), DtlsConnectError> {
+    ) -> Result<(DTLSConn, Arc<HandshakeSocket>), DtlsConnectError> {
         let local = local.unwrap_or_else(|| match server {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
         });
         let socket = UdpSocket::bind(local).await?;
         socket.connect(server).await?;
-        let socket = Arc::new(socket);
+        let socket = Arc::new(HandshakeSocket {
+            socket: Arc::new(socket),
+            early: std::sync::Mutex::default(),
+        });
         let transport: Arc<dyn webrtc_util::Conn + Send + Sync> = socket.clone();
         let conn = tokio::time::timeout(
             within,
@@ -268,7 +288,7 @@ impl ClientTls {
         within: Duration,
     ) -> anyhow::Result<String> {
         match self.handshake_dtls(server, None, within).await {
-            Ok((conn, _socket)) => {
+            Ok((conn, _transport)) => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
                 Ok("handshake completed (client certificates are not required)".to_owned())
             }
@@ -403,10 +423,117 @@ pub struct AgentInfoReply {
 }
 
 /// A client's DTLS session: each `send` is one record (one datagram at the destination).
+/// webrtc-dtls does the handshake; the session then protects its records itself
+/// (`dtls::record`), as the agent does.
 pub struct UdpTunnel {
-    conn: DTLSConn,
-    local: SocketAddr,
     socket: Arc<UdpSocket>,
+    local: SocketAddr,
+    sealer: Sealer,
+    opener: std::sync::Mutex<Inbox>,
+}
+
+/// The receiving side's state.
+struct Inbox {
+    opener: Opener,
+    /// Datagrams with protected records that arrived while webrtc-dtls still read the socket.
+    early: std::collections::VecDeque<Vec<u8>>,
+    /// A datagram with records still to be read, and where the next one starts.
+    held: Option<(Vec<u8>, usize)>,
+}
+
+/// What the next record of a datagram was.
+enum Opened {
+    Data(usize),
+    Closed,
+    Skip,
+}
+
+impl Inbox {
+    /// Opens the records of the held datagram until one carries data, which is moved to the
+    /// start of `buf`; `None` when the datagram is used up.
+    fn next(&mut self, buf: &mut [u8]) -> Option<Opened> {
+        let (datagram, at) = self.held.as_mut()?;
+        let Some(rec) = record::records(&mut datagram[*at..]).next() else {
+            self.held = None;
+            return None;
+        };
+        *at += rec.len();
+        Some(match self.opener.open(rec) {
+            Ok((content::APPLICATION_DATA, plain)) if plain.len() <= buf.len() => {
+                buf[..plain.len()].copy_from_slice(plain);
+                Opened::Data(plain.len())
+            }
+            // close_notify, or any fatal alert.
+            Ok((content::ALERT, &[level, description])) if level == 2 || description == 0 => {
+                Opened::Closed
+            }
+            _ => Opened::Skip,
+        })
+    }
+}
+
+/// The handshake's transport: the connected socket, with protected records (which only the
+/// session's own record layer may read) kept apart from webrtc-dtls.
+pub(crate) struct HandshakeSocket {
+    socket: Arc<UdpSocket>,
+    early: std::sync::Mutex<std::collections::VecDeque<Vec<u8>>>,
+}
+
+/// A poisoned lock only means a panic elsewhere; the data is still consistent here.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Protected datagrams kept for the session at most while the handshake ends.
+const EARLY_MAX: usize = 64;
+
+#[async_trait::async_trait]
+impl webrtc_util::Conn for HandshakeSocket {
+    async fn connect(&self, addr: SocketAddr) -> webrtc_util::Result<()> {
+        Ok(self.socket.connect(addr).await?)
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        loop {
+            let n = self.socket.recv(buf).await?;
+            if !record::is_protected(&buf[..n]) {
+                return Ok(n);
+            }
+            let mut early = lock(&self.early);
+            if early.len() < EARLY_MAX {
+                early.push_back(buf[..n].to_vec());
+            }
+        }
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let n = self.recv(buf).await?;
+        Ok((n, self.socket.peer_addr()?))
+    }
+
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        Ok(self.socket.send(buf).await?)
+    }
+
+    async fn send_to(&self, buf: &[u8], _target: SocketAddr) -> webrtc_util::Result<usize> {
+        Ok(self.socket.send(buf).await?)
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        self.socket.peer_addr().ok()
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
 }
 
 impl UdpTunnel {
@@ -417,36 +544,84 @@ impl UdpTunnel {
 
     /// Sends one record.
     pub async fn send(&self, payload: &[u8]) -> anyhow::Result<()> {
-        self.conn
-            .write(payload, None)
-            .await
-            .map_err(|e| anyhow!("DTLS write: {e}"))?;
+        if payload.len() > crate::protocol::MAX_PAYLOAD {
+            bail!("{} bytes do not fit one DTLS record", payload.len());
+        }
+        // Sealed in the thread's scratch buffer; copied out only if the socket is not ready.
+        let pending = record::with_scratch(|buf| {
+            buf[PAYLOAD_AT..PAYLOAD_AT + payload.len()].copy_from_slice(payload);
+            let len = self
+                .sealer
+                .seal_in_place(content::APPLICATION_DATA, buf, payload.len())?;
+            anyhow::Ok(match self.socket.try_send(&buf[..len]) {
+                Ok(_) => None,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(buf[..len].to_vec()),
+                Err(e) => return Err(anyhow!("DTLS write: {e}")),
+            })
+        })?;
+        if let Some(record) = pending {
+            self.socket
+                .send(&record)
+                .await
+                .map_err(|e| anyhow!("DTLS write: {e}"))?;
+        }
         Ok(())
     }
 
     /// Receives one record into `buf` (use at least [`DTLS_READ_BUF`] bytes: a record that does
     /// not fit is lost). `Ok(None)` when the agent closed the session.
     pub async fn recv(&self, buf: &mut [u8], within: Duration) -> Result<Option<usize>, RecvError> {
-        match self.conn.read(buf, Some(within)).await {
-            Ok(n) => Ok(Some(n)),
-            Err(webrtc_dtls::Error::ErrAlertFatalOrClose | webrtc_dtls::Error::ErrConnClosed) => {
-                Ok(None)
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            {
+                let mut inbox = lock(&self.opener);
+                loop {
+                    match inbox.next(buf) {
+                        Some(Opened::Data(n)) => return Ok(Some(n)),
+                        Some(Opened::Closed) => return Ok(None),
+                        Some(Opened::Skip) => continue,
+                        None => {}
+                    }
+                    match inbox.early.pop_front() {
+                        Some(datagram) => inbox.held = Some((datagram, 0)),
+                        None => break,
+                    }
+                }
             }
-            Err(webrtc_dtls::Error::ErrDeadlineExceeded) => Err(RecvError::TimedOut(within)),
-            Err(e) => Err(RecvError::Failed(e.to_string())),
+            let n = match tokio::time::timeout_at(deadline, self.socket.recv(buf)).await {
+                Err(_) => return Err(RecvError::TimedOut(within)),
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Err(RecvError::Failed(e.to_string())),
+            };
+            // Records are opened where they arrived when the datagram holds just one (the
+            // agents send one per datagram); otherwise the datagram is kept and read in turn.
+            let mut inbox = lock(&self.opener);
+            let single = record::records(&mut buf[..n]).next().map(|r| r.len()) == Some(n);
+            if single {
+                match inbox.opener.open(&mut buf[..n]) {
+                    Ok((content::APPLICATION_DATA, plain)) => {
+                        let len = plain.len();
+                        buf.copy_within(PAYLOAD_AT..PAYLOAD_AT + len, 0);
+                        return Ok(Some(len));
+                    }
+                    Ok((content::ALERT, &[level, description]))
+                        if level == 2 || description == 0 =>
+                    {
+                        return Ok(None);
+                    }
+                    _ => {}
+                }
+            } else {
+                inbox.held = Some((buf[..n].to_vec(), 0));
+            }
         }
     }
 
     /// Sends close_notify and releases the socket: when this returns, the local address can
     /// be bound again.
     pub async fn close(self) {
-        let Self { conn, socket, .. } = self;
-        let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
-        drop(conn);
-        // webrtc-dtls's reader task lets go of the socket shortly after close().
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        while Arc::strong_count(&socket) > 1 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        if let Ok(alert) = self.sealer.seal(content::ALERT, &[1, 0]) {
+            let _ = self.socket.send(&alert).await;
         }
     }
 

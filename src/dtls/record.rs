@@ -5,11 +5,14 @@
 //! with no task handoff and no copy (RFC 6347 §4.1, RFC 5288 for the nonce and the
 //! additional data).
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use webrtc_dtls::conn::RecordKeys;
 use webrtc_util::replay_detector::{ReplayDetector, SlidingWindowDetector};
+
+use crate::protocol::DTLS_READ_BUF;
 
 /// Record header: type, version, epoch, sequence number, length.
 pub(crate) const HEADER: usize = 13;
@@ -37,6 +40,22 @@ pub(crate) mod content {
     pub(crate) const HANDSHAKE: u8 = 22;
     /// Application data.
     pub(crate) const APPLICATION_DATA: u8 = 23;
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch buffer: room for a record header and nonce, the
+/// largest datagram read ([`DTLS_READ_BUF`]) at [`PAYLOAD_AT`], and a tag. `f` cannot await,
+/// so no task holds the buffer while it waits.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with_borrow_mut(|buf| {
+        if buf.is_empty() {
+            buf.resize(DTLS_READ_BUF + OVERHEAD, 0);
+        }
+        f(buf)
+    })
 }
 
 /// Why a record was not opened or sealed.

@@ -5,7 +5,6 @@
 //! is read, sealed and sent from a per-thread scratch buffer without an await in between, so
 //! an idle session holds no buffer.
 
-use std::cell::RefCell;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
@@ -36,12 +35,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Alert levels and the one description the relay acts on (RFC 5246 §7.2).
 const FATAL: u8 = 2;
 const CLOSE_NOTIFY: u8 = 0;
-
-thread_local! {
-    /// Where a datagram from a destination is read and sealed: room for the record header
-    /// and nonce before the largest datagram read, and for the tag after it.
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
 
 /// An established DTLS session that carries one tunnel.
 pub(crate) struct UdpLink<'a> {
@@ -151,10 +144,7 @@ impl<'a> UdpLink<'a> {
     /// Reads from the destination and sends one record to the client, all in the scratch
     /// buffer.
     fn forward_down(&self, udp: &UdpSocket) -> Down {
-        SCRATCH.with_borrow_mut(|buf| {
-            if buf.is_empty() {
-                buf.resize(DTLS_READ_BUF + record::OVERHEAD, 0);
-            }
+        record::with_scratch(|buf| {
             let n = match udp.try_recv(&mut buf[PAYLOAD_AT..PAYLOAD_AT + DTLS_READ_BUF]) {
                 Ok(n) => n,
                 Err(err)
