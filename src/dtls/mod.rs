@@ -14,6 +14,7 @@
 //! and `report` turns the drops and failed, shed and refused handshakes into one line per
 //! interval.
 
+pub(crate) mod batch;
 pub(crate) mod cookie;
 mod peer;
 pub(crate) mod preauth;
@@ -39,6 +40,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, field, info_span, warn};
 use webrtc_dtls::config::{ClientAuthType, Config as DtlsConfig, ExtendedMasterSecretType};
 
+use self::batch::{Batched, RecvBufs};
 use self::cookie::{Cookies, Verdict};
 use self::peer::PeerConn;
 use self::preauth::Refusal;
@@ -167,6 +169,21 @@ struct Entry {
     ciphertext: usize,
 }
 
+/// The demultiplexer's state: the table and what a new session needs.
+struct Demux {
+    socket: Arc<UdpSocket>,
+    batched: Arc<Batched>,
+    shared: Arc<UdpShared>,
+    tally: Arc<Tally>,
+    peers: HashMap<SocketAddr, Entry>,
+    done_tx: mpsc::UnboundedSender<(SocketAddr, u64)>,
+    next_id: u64,
+    accepting: bool,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
 /// The demultiplexer. Runs until `hard_stop`, or until `shutdown` once the last session ended
 /// (sessions keep receiving through it during the grace period).
 pub(crate) async fn run(
@@ -176,48 +193,63 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) {
-    let stats = shared.stats.clone();
     report::install_panic_hook();
-    let tally = Arc::new(Tally::new("DTLS"));
-    let refuse = |peer: SocketAddr, reason: Refusal| {
-        Stats::bump(&stats.udp_preauth_drops);
-        tally.refused(peer.ip(), reason);
+    let batched = match Batched::new(&socket) {
+        Ok(b) => Arc::new(b),
+        Err(err) => {
+            warn!(%err, "UDP: cannot prepare the DTLS socket for batched I/O; UDP tunnels are off");
+            return;
+        }
     };
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
+    let mut demux = Demux {
+        socket,
+        batched,
+        shared,
+        tally: Arc::new(Tally::new("DTLS")),
+        peers: HashMap::new(),
+        done_tx,
+        next_id: 0,
+        accepting: true,
+        tasks,
+        shutdown: shutdown.clone(),
+        hard_stop: hard_stop.clone(),
+    };
+    let stats = demux.shared.stats.clone();
     let mut report_tick = interval_at(
         Instant::now() + report::REPORT_INTERVAL,
         report::REPORT_INTERVAL,
     );
     report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut peers: HashMap<SocketAddr, Entry> = HashMap::new();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
-    let mut next_id = 0u64;
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut accepting = true;
+    // GRO may put up to 64 datagrams of one peer in a buffer: each holds the largest.
+    let mut bufs = RecvBufs::new(batch::BATCH, MAX_DATAGRAM);
     loop {
-        if !accepting && peers.is_empty() {
+        if !demux.accepting && demux.peers.is_empty() {
             break;
         }
+        let socket = demux.socket.clone();
+        let batched = demux.batched.clone();
         tokio::select! {
             biased;
             () = hard_stop.cancelled() => break,
-            () = shutdown.cancelled(), if accepting => {
-                accepting = false;
+            () = shutdown.cancelled(), if demux.accepting => {
+                demux.accepting = false;
                 continue;
             }
             _ = report_tick.tick() => {
-                tally.report();
+                demux.tally.report();
                 Stats::set(&stats.dtls_panics, report::dtls_panics());
             }
             Some((peer, id)) = done_rx.recv() => {
                 // The peer may already have a newer entry: remove only the one that ended.
-                if peers.get(&peer).is_some_and(|e| e.id == id) {
-                    peers.remove(&peer);
-                    Stats::set(&stats.udp_table, peers.len() as u64);
+                if demux.peers.get(&peer).is_some_and(|e| e.id == id) {
+                    demux.peers.remove(&peer);
+                    Stats::set(&stats.udp_table, demux.peers.len() as u64);
                 }
             }
-            received = socket.recv_from(&mut buf) => {
-                let (n, peer) = match received {
-                    Ok(r) => r,
+            received = bufs.recv(&batched, &socket) => {
+                let filled = match received {
+                    Ok(n) => n,
                     Err(err) => {
                         // ICMP errors surface here on some systems; never fatal.
                         debug!(%err, "udp receive failed");
@@ -225,128 +257,145 @@ pub(crate) async fn run(
                         continue;
                     }
                 };
-                // Queued datagrams are copied out of the receive buffer: one small allocation
-                // each, next to ~20 µs of DTLS work. Slicing a shared pool instead would let
-                // one datagram held in a slow peer's queue pin a whole pool block.
-                let datagram = &buf[..n];
-                if let Some(entry) = peers.get_mut(&peer) {
-                    let authenticated = entry.authenticated.load(Ordering::Acquire);
-                    if !authenticated
-                        && let Err(reason) = admit(datagram, &mut entry.ciphertext)
-                    {
-                        refuse(peer, reason);
-                        continue;
-                    }
-                    let queue = if authenticated || record::is_protected(datagram) {
-                        &entry.data
-                    } else {
-                        &entry.tx
-                    };
-                    match queue.try_send(BytesMut::from(datagram)) {
-                        Ok(()) => continue,
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            Stats::bump(&stats.udp_queue_drops);
-                            continue;
-                        }
-                        // The session ended and its removal is still in flight: a ClientHello
-                        // from the same address starts afresh below.
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            peers.remove(&peer);
-                            Stats::set(&stats.udp_table, peers.len() as u64);
-                        }
+                for i in 0..filled {
+                    let (buf, meta) = bufs.get(i);
+                    for datagram in batch::datagrams(buf, meta) {
+                        demux.datagram(datagram, meta.addr);
                     }
                 }
-                if !accepting {
-                    Stats::bump(&stats.udp_unsolicited);
-                    continue;
-                }
-                // Only a well-formed ClientHello may create state. Anything else well formed
-                // (a closed session's late records) is merely unsolicited.
-                let mut ciphertext = 0;
-                match admit(datagram, &mut ciphertext) {
-                    Ok(admitted) if admitted.client_hello => {}
-                    Ok(_) => {
-                        Stats::bump(&stats.udp_unsolicited);
-                        continue;
-                    }
-                    Err(reason) => {
-                        refuse(peer, reason);
-                        continue;
-                    }
-                }
-                match shared.cookies.judge(datagram, peer) {
-                    Verdict::Verified => {}
-                    Verdict::Challenge(request) => {
-                        Stats::bump(&stats.udp_cookies_sent);
-                        // Best effort, as any datagram: the client retransmits its hello.
-                        let _ = socket.try_send_to(&request, peer);
-                        continue;
-                    }
-                    Verdict::BadCookie => {
-                        Stats::bump(&stats.udp_bad_cookies);
-                        refuse(peer, Refusal::Cookie);
-                        continue;
-                    }
-                }
-                if peers.len() >= shared.limits.max_sessions {
-                    Stats::bump(&stats.udp_refused_sessions);
-                    // Clients retry every second and a flood is many peers: warn on the first
-                    // refusal and then once per 1000, with the running count.
-                    let refused = Stats::get(&stats.udp_refused_sessions);
-                    if refused % 1000 == 1 {
-                        warn!(%peer, max = shared.limits.max_sessions, refused, "UDP session refused: max_udp_sessions reached");
-                    }
-                    continue;
-                }
-                let Ok(ticket) = shared.admission.admit(peer.ip()) else {
-                    tally.source_full(peer.ip());
-                    continue;
-                };
-                if let Some(displaced) = ticket.displaced {
-                    tally.shed(displaced.ip());
-                }
-                next_id += 1;
-                let (tx, rx) = mpsc::channel(PEER_QUEUE);
-                if tx.try_send(BytesMut::from(datagram)).is_err() {
-                    continue; // a fresh queue has room: unreachable
-                }
-                let (data, datagrams) = mpsc::channel(PEER_QUEUE);
-                let authenticated = Arc::new(AtomicBool::new(false));
-                peers.insert(
-                    peer,
-                    Entry {
-                        id: next_id,
-                        tx,
-                        data,
-                        authenticated: authenticated.clone(),
-                        ciphertext,
-                    },
-                );
-                Stats::set(&stats.udp_table, peers.len() as u64);
-                let conn = Arc::new(PeerConn::new(socket.clone(), peer, rx));
-                let id = next_id;
-                let done = done_tx.clone();
-                let shared = shared.clone();
-                let tally = tally.clone();
-                let soft = shutdown.clone();
-                let stop = hard_stop.clone();
-                let span = info_span!("udp", %peer, subject = field::Empty);
-                tasks.spawn(
-                    async move {
-                        let handshake = session::Handshake {
-                            ticket,
-                            authenticated,
-                            tally,
-                            datagrams,
-                        };
-                        session::run(conn, shared, handshake, soft, stop).await;
-                        let _ = done.send((peer, id));
-                    }
-                    .instrument(span),
-                );
             }
         }
     }
     // What the last interval saw, before the daemon's closing lines.
-    tally.report();
+    demux.tally.report();
+}
+
+impl Demux {
+    fn refuse(&self, peer: SocketAddr, reason: Refusal) {
+        Stats::bump(&self.shared.stats.udp_preauth_drops);
+        self.tally.refused(peer.ip(), reason);
+    }
+
+    /// Routes one datagram to its session, or opens a session for a verified ClientHello.
+    fn datagram(&mut self, datagram: &[u8], peer: SocketAddr) {
+        let stats = &self.shared.stats;
+        // Queued datagrams are copied out of the receive buffer: one small allocation each.
+        // Slicing a shared pool instead would let one datagram held in a slow peer's queue
+        // pin a whole pool block.
+        if let Some(entry) = self.peers.get_mut(&peer) {
+            let authenticated = entry.authenticated.load(Ordering::Acquire);
+            if !authenticated && let Err(reason) = admit(datagram, &mut entry.ciphertext) {
+                self.refuse(peer, reason);
+                return;
+            }
+            let queue = if authenticated || record::is_protected(datagram) {
+                &entry.data
+            } else {
+                &entry.tx
+            };
+            match queue.try_send(BytesMut::from(datagram)) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    Stats::bump(&stats.udp_queue_drops);
+                    return;
+                }
+                // The session ended and its removal is still in flight: a ClientHello
+                // from the same address starts afresh below.
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.peers.remove(&peer);
+                    Stats::set(&stats.udp_table, self.peers.len() as u64);
+                }
+            }
+        }
+        if !self.accepting {
+            Stats::bump(&stats.udp_unsolicited);
+            return;
+        }
+        // Only a well-formed ClientHello may create state. Anything else well formed
+        // (a closed session's late records) is merely unsolicited.
+        let mut ciphertext = 0;
+        match admit(datagram, &mut ciphertext) {
+            Ok(admitted) if admitted.client_hello => {}
+            Ok(_) => {
+                Stats::bump(&stats.udp_unsolicited);
+                return;
+            }
+            Err(reason) => {
+                self.refuse(peer, reason);
+                return;
+            }
+        }
+        match self.shared.cookies.judge(datagram, peer) {
+            Verdict::Verified => {}
+            Verdict::Challenge(request) => {
+                Stats::bump(&stats.udp_cookies_sent);
+                // Best effort, as any datagram: the client retransmits its hello.
+                let _ = self.socket.try_send_to(&request, peer);
+                return;
+            }
+            Verdict::BadCookie => {
+                Stats::bump(&stats.udp_bad_cookies);
+                self.refuse(peer, Refusal::Cookie);
+                return;
+            }
+        }
+        if self.peers.len() >= self.shared.limits.max_sessions {
+            Stats::bump(&stats.udp_refused_sessions);
+            // Clients retry every second and a flood is many peers: warn on the first
+            // refusal and then once per 1000, with the running count.
+            let refused = Stats::get(&stats.udp_refused_sessions);
+            if refused % 1000 == 1 {
+                warn!(%peer, max = self.shared.limits.max_sessions, refused, "UDP session refused: max_udp_sessions reached");
+            }
+            return;
+        }
+        let Ok(ticket) = self.shared.admission.admit(peer.ip()) else {
+            self.tally.source_full(peer.ip());
+            return;
+        };
+        if let Some(displaced) = ticket.displaced {
+            self.tally.shed(displaced.ip());
+        }
+        self.next_id += 1;
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        if tx.try_send(BytesMut::from(datagram)).is_err() {
+            return; // a fresh queue has room: unreachable
+        }
+        let (data, datagrams) = mpsc::channel(PEER_QUEUE);
+        let authenticated = Arc::new(AtomicBool::new(false));
+        self.peers.insert(
+            peer,
+            Entry {
+                id: self.next_id,
+                tx,
+                data,
+                authenticated: authenticated.clone(),
+                ciphertext,
+            },
+        );
+        Stats::set(&stats.udp_table, self.peers.len() as u64);
+        let conn = Arc::new(PeerConn::new(self.socket.clone(), peer, rx));
+        let id = self.next_id;
+        let done = self.done_tx.clone();
+        let shared = self.shared.clone();
+        let batched = self.batched.clone();
+        let tally = self.tally.clone();
+        let soft = self.shutdown.clone();
+        let stop = self.hard_stop.clone();
+        let span = info_span!("udp", %peer, subject = field::Empty);
+        self.tasks.spawn(
+            async move {
+                let handshake = session::Handshake {
+                    ticket,
+                    authenticated,
+                    tally,
+                    datagrams,
+                    batched,
+                };
+                session::run(conn, shared, handshake, soft, stop).await;
+                let _ = done.send((peer, id));
+            }
+            .instrument(span),
+        );
+    }
 }

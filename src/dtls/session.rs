@@ -54,6 +54,8 @@ pub(super) struct Handshake {
     /// The peer's protected records (and every datagram once authenticated), for the
     /// session's own record layer.
     pub(super) datagrams: mpsc::Receiver<BytesMut>,
+    /// The DTLS socket's batched I/O.
+    pub(super) batched: Arc<super::batch::Batched>,
 }
 
 /// Runs one peer's session to its end and logs it.
@@ -71,6 +73,7 @@ pub(super) async fn run(
         authenticated,
         tally,
         datagrams,
+        batched,
     } = handshake;
     let peer = conn.remote_addr();
     let transport: Arc<dyn Conn + Send + Sync> = conn.clone();
@@ -170,7 +173,7 @@ pub(super) async fn run(
     let mut link = UdpLink::new(
         keys,
         datagrams,
-        (socket, peer),
+        (socket, batched, peer),
         flight,
         limits.idle_timeout,
         stats,

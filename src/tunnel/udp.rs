@@ -5,19 +5,23 @@
 //! is read, sealed and sent from a per-thread scratch buffer without an await in between, so
 //! an idle session holds no buffer.
 
-use std::io;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use quinn_udp::RecvMeta;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::{Counts, End, Link};
+use crate::dtls::batch::{BATCH, Batched};
 use crate::dtls::record::{self, Opener, PAYLOAD_AT, RecordError, Sealer, content};
 use crate::protocol::{DTLS_READ_BUF, HEADER_LEN, HeaderError, MAX_PAYLOAD};
 use crate::stats::{Stats, Transport};
@@ -25,9 +29,9 @@ use crate::stats::{Stats, Transport};
 /// The index of this transport's byte counters.
 const UDP: usize = Transport::Udp as usize;
 
-/// Datagrams taken from the destination per readiness event before the client's side gets a
-/// turn.
-const DOWN_BATCH: usize = 32;
+/// Batches (of up to `BATCH` datagrams) taken from the destination per readiness event before
+/// the client's side gets a turn.
+const DOWN_BATCHES: usize = 2;
 
 /// How long sending close_notify may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -44,12 +48,16 @@ pub(crate) struct UdpLink<'a> {
     datagrams: mpsc::Receiver<BytesMut>,
     /// The agent's DTLS socket, shared by every session.
     socket: Arc<UdpSocket>,
+    /// Batched system calls (its offload state serves the destination socket too).
+    batched: Arc<Batched>,
     peer: SocketAddr,
     /// The server's last handshake flight: sent again while the client repeats its own (it
     /// did not get ours), dropped with the first application record.
     flight: Vec<Bytes>,
     /// A datagram being read, and where its next record starts.
     held: Option<(BytesMut, usize)>,
+    /// Datagrams received and not yet read.
+    inbox: VecDeque<BytesMut>,
     idle_timeout: Duration,
     stats: &'a Stats,
 }
@@ -67,14 +75,51 @@ enum Incoming {
     Ignored,
 }
 
-/// What reading one datagram from the destination came to.
+/// What one read from the destination came to.
 enum Down {
-    Sent(usize),
+    Sent(Batch),
     Empty,
-    Oversize,
-    /// The client's socket was not ready: the sealed record, to send with an await.
-    Later(Vec<u8>, usize),
     Failed(End),
+}
+
+/// Datagrams forwarded to the client in one batch.
+#[derive(Default)]
+struct Batch {
+    datagrams: u64,
+    bytes: u64,
+    oversize: u64,
+    /// Records the client's socket had no room for yet (packed, and their lengths): sent
+    /// with an await.
+    later: Option<(Vec<u8>, Vec<usize>)>,
+}
+
+/// One datagram's room in the scratch buffer: header and nonce, the largest datagram read,
+/// the tag.
+const SLOT: usize = DTLS_READ_BUF + record::OVERHEAD;
+
+/// The downstream direction's per-thread buffers.
+#[derive(Default)]
+struct Scratch {
+    buf: Vec<u8>,
+    meta: Vec<RecvMeta>,
+    lens: Vec<usize>,
+}
+
+thread_local! {
+    static DOWN: RefCell<Scratch> = RefCell::default();
+    static UP: RefCell<Scratch> = RefCell::default();
+}
+
+/// What one batch from the client came to.
+#[derive(Default)]
+struct Up {
+    datagrams: u64,
+    bytes: u64,
+    /// Payloads the destination socket had no room for yet: sent with an await.
+    later: Option<(Vec<u8>, Vec<usize>)>,
+    /// An alert or a repeated flight that ended the batch.
+    event: Option<Incoming>,
+    error: Option<io::Error>,
 }
 
 impl<'a> UdpLink<'a> {
@@ -82,7 +127,7 @@ impl<'a> UdpLink<'a> {
     pub(crate) fn new(
         (sealer, opener): (Sealer, Opener),
         datagrams: mpsc::Receiver<BytesMut>,
-        (socket, peer): (Arc<UdpSocket>, SocketAddr),
+        (socket, batched, peer): (Arc<UdpSocket>, Arc<Batched>, SocketAddr),
         flight: Vec<Bytes>,
         idle_timeout: Duration,
         stats: &'a Stats,
@@ -92,9 +137,11 @@ impl<'a> UdpLink<'a> {
             opener,
             datagrams,
             socket,
+            batched,
             peer,
             flight,
             held: None,
+            inbox: VecDeque::new(),
             idle_timeout,
             stats,
         }
@@ -141,39 +188,135 @@ impl<'a> UdpLink<'a> {
         }
     }
 
-    /// Reads from the destination and sends one record to the client, all in the scratch
-    /// buffer.
-    fn forward_down(&self, udp: &UdpSocket) -> Down {
-        record::with_scratch(|buf| {
-            let n = match udp.try_recv(&mut buf[PAYLOAD_AT..PAYLOAD_AT + DTLS_READ_BUF]) {
-                Ok(n) => n,
-                Err(err)
-                    if matches!(
-                        err.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionRefused
-                    ) =>
-                {
-                    return Down::Empty;
+    /// Opens the records of the datagrams in hand, packs the payloads in this thread's buffer
+    /// and sends them to the destination (GSO), stopping at an alert or a repeated flight.
+    fn forward_up(&mut self, udp: &UdpSocket, destination: SocketAddr) -> Up {
+        UP.with_borrow_mut(|scratch| {
+            let Scratch { buf, lens, .. } = scratch;
+            if buf.is_empty() {
+                buf.resize(BATCH * DTLS_READ_BUF, 0);
+            }
+            let mut up = Up::default();
+            lens.clear();
+            let mut packed = 0;
+            while lens.len() < BATCH {
+                let incoming = match self.next_record() {
+                    Some(incoming) => incoming,
+                    None => match self.inbox.pop_front() {
+                        Some(datagram) => {
+                            self.held = Some((datagram, 0));
+                            continue;
+                        }
+                        None => break,
+                    },
+                };
+                match incoming {
+                    Incoming::Data(range) => {
+                        let Some((datagram, _)) = &self.held else {
+                            continue;
+                        };
+                        let payload = &datagram[range];
+                        if packed + payload.len() > buf.len() {
+                            // Cannot happen (records are smaller than the slots); dropped.
+                            continue;
+                        }
+                        buf[packed..packed + payload.len()].copy_from_slice(payload);
+                        packed += payload.len();
+                        lens.push(payload.len());
+                        up.bytes += payload.len() as u64;
+                    }
+                    Incoming::Ignored => {}
+                    event => {
+                        up.event = Some(event);
+                        break;
+                    }
                 }
+            }
+            up.datagrams = lens.len() as u64;
+            match self
+                .batched
+                .try_send_packed(udp, destination, &buf[..packed], lens)
+            {
+                Ok(sent) if sent == lens.len() => {}
+                Ok(sent) => {
+                    let from: usize = lens[..sent].iter().sum();
+                    up.later = Some((buf[from..packed].to_vec(), lens[sent..].to_vec()));
+                }
+                // ICMP unreachable from an earlier datagram: the destination may come back,
+                // as with a plain UDP socket (these datagrams are lost); anything else ends
+                // the session.
+                Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(err) => up.error = Some(err),
+            }
+            up
+        })
+    }
+
+    /// Reads what the destination has ready (one `recvmmsg`), seals each datagram where it
+    /// landed, packs the records together and sends them to the client (GSO), all in this
+    /// thread's buffers.
+    fn forward_down(&self, udp: &UdpSocket) -> Down {
+        DOWN.with_borrow_mut(|down| {
+            let Scratch { buf, meta, lens } = down;
+            if buf.is_empty() {
+                buf.resize(BATCH * SLOT, 0);
+                meta.resize(BATCH, RecvMeta::default());
+            }
+            let mut slots = buf.chunks_mut(SLOT);
+            let mut slices: [IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
+                IoSliceMut::new(slots.next().map_or(&mut [][..], |s| {
+                    &mut s[PAYLOAD_AT..PAYLOAD_AT + DTLS_READ_BUF]
+                }))
+            });
+            let received = match self.batched.try_recv(udp, &mut slices, meta) {
+                Ok(n) => n,
+                // ICMP unreachable from an earlier datagram: the destination may come back.
+                Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => 0,
                 Err(err) => return Down::Failed(End::Io(err)),
             };
-            if n > MAX_PAYLOAD {
-                // Would not fit one record the client can read.
-                return Down::Oversize;
-            }
-            let len = match self.sealer.seal_in_place(content::APPLICATION_DATA, buf, n) {
-                Ok(len) => len,
-                Err(err) => return Down::Failed(End::Io(io::Error::other(err))),
-            };
-            match self.socket.try_send_to(&buf[..len], self.peer) {
-                Ok(_) => Down::Sent(n),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    Down::Later(buf[..len].to_vec(), n)
+            let mut batch = Batch::default();
+            lens.clear();
+            let mut packed = 0;
+            for (i, m) in meta.iter().take(received).enumerate() {
+                if m.len > MAX_PAYLOAD {
+                    // Would not fit one record the client can read.
+                    batch.oversize += 1;
+                    continue;
                 }
-                Err(err) => Down::Failed(End::Io(io::Error::other(format!(
-                    "writing to client: {err}"
-                )))),
+                let slot = i * SLOT;
+                let len = match self.sealer.seal_in_place(
+                    content::APPLICATION_DATA,
+                    &mut buf[slot..slot + SLOT],
+                    m.len,
+                ) {
+                    Ok(len) => len,
+                    Err(err) => return Down::Failed(End::Io(io::Error::other(err))),
+                };
+                buf.copy_within(slot..slot + len, packed);
+                packed += len;
+                lens.push(len);
+                batch.bytes += m.len as u64;
             }
+            batch.datagrams = lens.len() as u64;
+            if received == 0 {
+                return Down::Empty;
+            }
+            match self
+                .batched
+                .try_send_packed(&self.socket, self.peer, &buf[..packed], lens)
+            {
+                Ok(sent) if sent == lens.len() => {}
+                Ok(sent) => {
+                    let from: usize = lens[..sent].iter().sum();
+                    batch.later = Some((buf[from..packed].to_vec(), lens[sent..].to_vec()));
+                }
+                Err(err) => {
+                    return Down::Failed(End::Io(io::Error::other(format!(
+                        "writing to client: {err}"
+                    ))));
+                }
+            }
+            Down::Sent(batch)
         })
     }
 
@@ -224,71 +367,83 @@ impl Link for UdpLink<'_> {
     ) -> End {
         let idle = self.idle_timeout;
         let stats = self.stats;
+        let destination = match udp.peer_addr() {
+            Ok(addr) => addr,
+            Err(err) => return End::Io(err),
+        };
         let mut last = Instant::now();
         let deadline = sleep_until((last + idle).into());
         tokio::pin!(deadline);
         loop {
-            // The records of the datagram in hand first (a datagram may carry several).
-            while let Some(incoming) = self.next_record() {
-                match incoming {
-                    Incoming::Data(range) => {
-                        let Some((datagram, _)) = &self.held else {
-                            continue;
-                        };
-                        let payload = &datagram[range];
-                        let n = payload.len();
-                        last = Instant::now();
-                        counts.up_datagrams += 1;
-                        counts.up_bytes += n as u64;
-                        Stats::add(&stats.up_bytes[UDP], n as u64);
-                        if let Err(err) = udp.send(payload).await {
-                            // ICMP unreachable from an earlier datagram: the destination may
-                            // come back, as with a plain UDP socket; anything else ends the
-                            // session.
-                            if err.kind() != io::ErrorKind::ConnectionRefused {
-                                return End::Io(err);
-                            }
-                        }
-                    }
-                    Incoming::Closed => return End::ClientClosed,
-                    Incoming::Repeated => self.repeat_flight().await,
-                    Incoming::Ignored => {}
+            // What the client sent, in batches: the records of the datagrams in hand, packed
+            // and sent to the destination in one call (GSO).
+            while self.held.is_some() || !self.inbox.is_empty() {
+                let up = self.forward_up(&udp, destination);
+                if up.datagrams > 0 {
+                    last = Instant::now();
+                    counts.up_datagrams += up.datagrams;
+                    counts.up_bytes += up.bytes;
+                    Stats::add(&stats.up_bytes[UDP], up.bytes);
+                }
+                if let Some((payloads, lens)) = &up.later
+                    && let Err(err) = self
+                        .batched
+                        .send_packed(&udp, destination, payloads, lens)
+                        .await
+                    && err.kind() != io::ErrorKind::ConnectionRefused
+                {
+                    return End::Io(err);
+                }
+                match up.event {
+                    Some(Incoming::Closed) => return End::ClientClosed,
+                    Some(Incoming::Repeated) => self.repeat_flight().await,
+                    _ => {}
+                }
+                if let Some(err) = up.error {
+                    return End::Io(err);
                 }
             }
             tokio::select! {
                 received = self.datagrams.recv() => match received {
-                    Some(datagram) => self.held = Some((datagram, 0)),
+                    Some(datagram) => {
+                        self.inbox.push_back(datagram);
+                        while self.inbox.len() < BATCH {
+                            match self.datagrams.try_recv() {
+                                Ok(datagram) => self.inbox.push_back(datagram),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => return End::Shutdown,
                 },
                 r = udp.readable() => {
                     if let Err(err) = r {
                         return End::Io(err);
                     }
-                    // A bounded batch, so a destination that never pauses cannot starve the
-                    // client's direction; readiness stays set when the batch ends early.
-                    for _ in 0..DOWN_BATCH {
-                        let n = match self.forward_down(&udp) {
-                            Down::Sent(n) => n,
+                    // Bounded batches, so a destination that never pauses cannot starve the
+                    // client's direction; readiness stays set when the batches end early.
+                    for _ in 0..DOWN_BATCHES {
+                        let batch = match self.forward_down(&udp) {
+                            Down::Sent(batch) => batch,
                             Down::Empty => break,
-                            Down::Oversize => {
-                                counts.dropped += 1;
-                                Stats::bump(&stats.udp_oversize_drops);
-                                continue;
-                            }
-                            Down::Later(record, n) => {
-                                if let Err(err) = self.socket.send_to(&record, self.peer).await {
-                                    return End::Io(io::Error::other(format!(
-                                        "writing to client: {err}"
-                                    )));
-                                }
-                                n
-                            }
                             Down::Failed(end) => return end,
                         };
+                        if let Some((records, lens)) = &batch.later
+                            && let Err(err) = self
+                                .batched
+                                .send_packed(&self.socket, self.peer, records, lens)
+                                .await
+                        {
+                            return End::Io(io::Error::other(format!("writing to client: {err}")));
+                        }
+                        if batch.oversize > 0 {
+                            counts.dropped += batch.oversize;
+                            Stats::add(&stats.udp_oversize_drops, batch.oversize);
+                        }
                         last = Instant::now();
-                        counts.down_datagrams += 1;
-                        counts.down_bytes += n as u64;
-                        Stats::add(&stats.down_bytes[UDP], n as u64);
+                        counts.down_datagrams += batch.datagrams;
+                        counts.down_bytes += batch.bytes;
+                        Stats::add(&stats.down_bytes[UDP], batch.bytes);
                     }
                 }
                 () = &mut deadline => {
