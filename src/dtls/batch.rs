@@ -119,10 +119,11 @@ impl Batched {
         while i < lens.len() {
             let segment = lens[i];
             let (mut j, mut total) = (i + 1, segment);
-            if segment <= GSO_SEGMENT_MAX {
+            // An empty datagram cannot be a segment: it goes alone.
+            if (1..=GSO_SEGMENT_MAX).contains(&segment) {
                 while j < lens.len()
                     && j - i < max
-                    && lens[j] <= segment
+                    && (1..=segment).contains(&lens[j])
                     && total + lens[j] <= GSO_BYTES_MAX
                 {
                     total += lens[j];
@@ -174,10 +175,12 @@ impl Batched {
     }
 }
 
-/// The datagrams of one received buffer: one, or several of `stride` bytes after GRO.
+/// The datagrams of one received buffer: one (perhaps empty), or several of `stride` bytes
+/// after GRO.
 pub(crate) fn datagrams<'a>(buf: &'a [u8], meta: &RecvMeta) -> impl Iterator<Item = &'a [u8]> {
     let filled = &buf[..meta.len.min(buf.len())];
-    filled.chunks(meta.stride.max(1))
+    let empty = filled.is_empty().then_some(filled);
+    filled.chunks(meta.stride.max(1)).chain(empty)
 }
 
 /// Receive buffers for [`Batched::recv`]: `BATCH` buffers of `size` bytes, allocated once.
@@ -210,5 +213,26 @@ impl RecvBufs {
     /// Buffer `i` as received, with its metadata.
     pub(crate) fn get(&self, i: usize) -> (&[u8], &RecvMeta) {
         (&self.bufs[i], &self.meta[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_splits_at_its_stride_and_an_empty_datagram_counts() {
+        let meta = |len: usize, stride: usize| {
+            let mut m = RecvMeta::default();
+            m.len = len;
+            m.stride = stride;
+            m
+        };
+        let buf = [1u8, 2, 3, 4, 5, 6, 7, 0, 0];
+        let split: Vec<&[u8]> = datagrams(&buf, &meta(7, 3)).collect();
+        assert_eq!(split, vec![&[1, 2, 3][..], &[4, 5, 6], &[7]]);
+        assert_eq!(datagrams(&buf, &meta(7, 7)).count(), 1);
+        let empty: Vec<&[u8]> = datagrams(&buf, &meta(0, 0)).collect();
+        assert_eq!(empty, vec![&[0u8; 0][..]]);
     }
 }

@@ -88,6 +88,27 @@ async fn thousand_datagrams_of_every_size_round_trip() {
     daemon.stop().await;
 }
 
+/// Empty datagrams are datagrams: they cross both ways, alone and between others (the agent
+/// sends runs of equal-sized datagrams in one system call; an empty one cannot be part of one).
+#[tokio::test]
+async fn empty_datagrams_cross_both_ways() {
+    let pki = TestPki::new();
+    let daemon = TestDaemon::start_udp(&pki, "").await;
+    let echo = UdpEcho::start().await;
+    let tunnel = open(&pki.client(), &daemon, echo.addr).await;
+    let sizes = [0, 1200, 1200, 0, 0, 1200, 700, 0, 1200, 1200, 1200, 0];
+    let payloads: Vec<Vec<u8>> = sizes.iter().map(|&n| pattern(n, n as u64)).collect();
+    let back = echo_all(&tunnel, &payloads, sizes.len()).await;
+    let mut got: Vec<usize> = back.iter().map(Vec::len).collect();
+    got.sort_unstable();
+    let mut want = sizes.to_vec();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    assert_eq!(echo.received(), sizes.len());
+    tunnel.close().await;
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn oversize_datagram_from_destination_is_counted_not_sent() {
     let pki = TestPki::new();
