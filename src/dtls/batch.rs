@@ -183,36 +183,36 @@ pub(crate) fn datagrams<'a>(buf: &'a [u8], meta: &RecvMeta) -> impl Iterator<Ite
     filled.chunks(meta.stride.max(1)).chain(empty)
 }
 
-/// Receive buffers for [`Batched::recv`]: `BATCH` buffers of `size` bytes, allocated once.
+/// Receive buffers for [`Batched::recv`]: `count` slots of `size` bytes in one allocation,
+/// made once. At 1 MiB it comes straight from the kernel as untouched pages: only the pages
+/// datagrams are written to count in the agent's memory.
 pub(crate) struct RecvBufs {
-    bufs: Vec<Vec<u8>>,
-    /// What each buffer received.
+    buf: Vec<u8>,
+    size: usize,
+    /// What each slot received.
     pub(crate) meta: Vec<RecvMeta>,
 }
 
 impl RecvBufs {
-    /// `count` buffers of `size` bytes.
+    /// `count` slots of `size` bytes.
     pub(crate) fn new(count: usize, size: usize) -> Self {
         Self {
-            bufs: vec![vec![0u8; size]; count],
+            buf: vec![0u8; count * size],
+            size,
             meta: vec![RecvMeta::default(); count],
         }
     }
 
-    /// Receives into every buffer (waiting for the first datagram): how many were filled.
-    pub(crate) async fn recv(
-        &mut self,
-        batched: &Batched,
-        socket: &UdpSocket,
-    ) -> io::Result<usize> {
+    /// Receives into every slot (waiting for the first datagram): how many were filled.
+    pub(crate) async fn recv(&mut self, batched: &Batched, socket: &UdpSocket) -> io::Result<usize> {
         let mut slices: Vec<IoSliceMut<'_>> =
-            self.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            self.buf.chunks_mut(self.size).map(IoSliceMut::new).collect();
         batched.recv(socket, &mut slices, &mut self.meta).await
     }
 
-    /// Buffer `i` as received, with its metadata.
+    /// Slot `i` as received, with its metadata.
     pub(crate) fn get(&self, i: usize) -> (&[u8], &RecvMeta) {
-        (&self.bufs[i], &self.meta[i])
+        (&self.buf[i * self.size..(i + 1) * self.size], &self.meta[i])
     }
 }
 
