@@ -21,7 +21,7 @@ shift || true
 if [ "$#" -gt 0 ]; then
   targets=("$@")
 else
-  targets=(header config http_headers dtls_preauth dtls_raw)
+  targets=(header config http_headers dtls_preauth dtls_raw dtls_records)
 fi
 sanitizer="${FUZZ_SANITIZER:-none}"
 
