@@ -204,9 +204,16 @@ impl RecvBufs {
     }
 
     /// Receives into every slot (waiting for the first datagram): how many were filled.
-    pub(crate) async fn recv(&mut self, batched: &Batched, socket: &UdpSocket) -> io::Result<usize> {
-        let mut slices: Vec<IoSliceMut<'_>> =
-            self.buf.chunks_mut(self.size).map(IoSliceMut::new).collect();
+    pub(crate) async fn recv(
+        &mut self,
+        batched: &Batched,
+        socket: &UdpSocket,
+    ) -> io::Result<usize> {
+        let mut slices: Vec<IoSliceMut<'_>> = self
+            .buf
+            .chunks_mut(self.size)
+            .map(IoSliceMut::new)
+            .collect();
         batched.recv(socket, &mut slices, &mut self.meta).await
     }
 
