@@ -12,8 +12,10 @@ use tokio::time::timeout;
 
 use crate::load::Endpoints;
 
-/// Payload bytes per datagram.
+/// Payload bytes per datagram (the largest size the sections use).
 pub const PAYLOAD: usize = 1200;
+/// The small datagram size the `udp` section also measures.
+pub const SMALL: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sequence number of warm-up datagrams (not counted).
 pub const WARM_SEQ: u64 = u64::MAX;
@@ -112,20 +114,23 @@ fn seq_pattern() -> &'static [u8] {
     })
 }
 
-/// Fills a datagram: sequence number, session id, then a pattern that depends on `seq`.
+/// Fills a datagram of 12 to `PAYLOAD` bytes: sequence number, session id, then a pattern
+/// that depends on `seq`.
 pub fn fill(buf: &mut [u8], seq: u64, session: u32) {
+    let len = buf.len();
     buf[..8].copy_from_slice(&seq.to_le_bytes());
     buf[8..12].copy_from_slice(&session.to_le_bytes());
     let at = (seq % SEQ_PATTERN as u64) as usize;
-    buf[12..].copy_from_slice(&seq_pattern()[at..at + PAYLOAD - 12]);
+    buf[12..].copy_from_slice(&seq_pattern()[at..at + len - 12]);
 }
 
-/// The sequence number of an intact datagram of `session`; `None` when it is not one.
-pub fn check(buf: &[u8], session: u32) -> Option<u64> {
-    if buf.len() != PAYLOAD || buf[8..12] != session.to_le_bytes() {
+/// The sequence number of an intact `size`-byte datagram of `session`; `None` when it is
+/// not one.
+pub fn check(buf: &[u8], session: u32, size: usize) -> Option<u64> {
+    if buf.len() != size || size < 12 || buf[8..12] != session.to_le_bytes() {
         return None;
     }
     let seq = u64::from_le_bytes(buf[..8].try_into().ok()?);
     let at = (seq % SEQ_PATTERN as u64) as usize;
-    (buf[12..] == seq_pattern()[at..at + PAYLOAD - 12]).then_some(seq)
+    (buf[12..] == seq_pattern()[at..at + size - 12]).then_some(seq)
 }

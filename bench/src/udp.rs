@@ -1,5 +1,6 @@
-//! The `udp` section: 1200-byte datagrams with a window in flight, on 1 session then on 8, through
-//! the agent's DTLS and straight to the echo; and the windowed datagram workload itself.
+//! The `udp` section: 1200-byte and 64-byte datagrams with a window in flight, on 1 session
+//! then on 8, through the agent's DTLS and straight to the echo; and the windowed datagram
+//! workload itself.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
-use crate::dgram::{Dgram, PAYLOAD, WARM_SEQ, check, fill};
+use crate::dgram::{Dgram, PAYLOAD, SMALL, WARM_SEQ, check, fill};
 use crate::harness::Bench;
 use crate::load::{Cpu, Meter, Target};
 use crate::stats::{Check, Summary, percentile, ratio_check, show, table};
@@ -32,11 +33,16 @@ impl Bench {
         let mut agent = self.start_agent()?;
         let ep = Arc::new(self.endpoints(&agent));
         let (n, sessions, runs) = (self.sizes.udp, self.sizes.udp_sessions, self.sizes.runs);
-        // Every session sends n datagrams, also with 8 at once.
-        let cases = [(1usize, n), (sessions, n)];
-        let mut results: BTreeMap<(usize, &str), Vec<UdpRun>> = BTreeMap::new();
+        // Every session sends n datagrams, also with 8 at once; 1200 bytes, then 64.
+        let cases = [
+            (1usize, n, PAYLOAD),
+            (sessions, n, PAYLOAD),
+            (1, n, SMALL),
+            (sessions, n, SMALL),
+        ];
+        let mut results: BTreeMap<(usize, usize, &str), Vec<UdpRun>> = BTreeMap::new();
         for round in 0..runs {
-            for &(count, per) in &cases {
+            for &(count, per, size) in &cases {
                 for t in [Target::Agent, Target::Direct] {
                     self.ensure_running(&mut agent)?;
                     let meter = Meter::new(self.proxy_pid(&agent, t));
@@ -51,7 +57,8 @@ impl Bench {
                             d.warm_up().await?;
                             open.push(Arc::new(d));
                         }
-                        let (run, open) = run(open, per, &meter, Duration::from_secs(300)).await?;
+                        let (run, open) =
+                            run(open, per, size, &meter, Duration::from_secs(300)).await?;
                         for d in open {
                             if let Ok(d) = Arc::try_unwrap(d) {
                                 d.close().await;
@@ -60,22 +67,22 @@ impl Bench {
                         anyhow::Ok(run)
                     })??;
                     eprintln!(
-                        "bench: udp round {}/{runs} {count} session(s) {}: {:.0} datagrams/s, \
-                         {} lost",
+                        "bench: udp round {}/{runs} {count} session(s) x {size} B {}: {:.0} \
+                         datagrams/s, {} lost",
                         round + 1,
                         t.name(),
                         r.dgrams_per_s,
                         r.lost
                     );
-                    results.entry((count, t.name())).or_default().push(r);
+                    results.entry((count, size, t.name())).or_default().push(r);
                 }
             }
         }
         let mut rows = Vec::new();
         let mut section = serde_json::Map::new();
-        for &(count, per) in &cases {
+        for &(count, per, size) in &cases {
             for t in [Target::Agent, Target::Direct] {
-                let r = &results[&(count, t.name())];
+                let r = &results[&(count, size, t.name())];
                 let f =
                     |g: &dyn Fn(&UdpRun) -> f64| Summary::of(&r.iter().map(g).collect::<Vec<_>>());
                 let dps = f(&|x| x.dgrams_per_s);
@@ -89,7 +96,7 @@ impl Bench {
                 let stalls: u64 = r.iter().map(|x| x.stalls).sum();
                 let kernel: u64 = r.iter().map(|x| x.kernel_udp_errors[1]).sum();
                 rows.push(vec![
-                    format!("{count} x {per}"),
+                    format!("{count} x {per} x {size} B"),
                     t.name().to_owned(),
                     show(dps.as_ref(), 0),
                     show(mbps.as_ref(), 1),
@@ -109,9 +116,15 @@ impl Bench {
                     show(machine.as_ref(), 0),
                     format!("{stalls}/{kernel}"),
                 ]);
+                // The 1200-byte keys keep their earlier names.
+                let key = if size == PAYLOAD {
+                    format!("{}_{count}", t.name())
+                } else {
+                    format!("{}_{count}_{size}b", t.name())
+                };
                 section.insert(
-                    format!("{}_{count}", t.name()),
-                    json!({"sessions": count, "datagrams_per_session": per,
+                    key,
+                    json!({"sessions": count, "datagrams_per_session": per, "payload": size,
                            "datagrams_per_s": dps, "mb_per_s": mbps, "rtt_p50_us": p50,
                            "agent_cpu_us_per_datagram": cpu_us, "agent_kernel_pct": sys,
                            "client_cpu_us_per_datagram": client, "machine_busy_pct": machine,
@@ -119,23 +132,47 @@ impl Bench {
                 );
             }
         }
-        let med = |count: usize, t: Target| {
+        let med = |count: usize, t: Target, g: &dyn Fn(&UdpRun) -> f64| {
             Summary::of(
-                &results[&(count, t.name())]
+                &results[&(count, PAYLOAD, t.name())]
                     .iter()
-                    .map(|x| x.dgrams_per_s)
+                    .map(g)
                     .collect::<Vec<_>>(),
             )
             .map_or(0.0, |s| s.median)
         };
-        let lost8: u64 = results[&(sessions, "agent")].iter().map(|x| x.lost).sum();
-        let sent8: u64 = results[&(sessions, "agent")].iter().map(|x| x.sent).sum();
+        let dps = |x: &UdpRun| x.dgrams_per_s;
+        let cpu = |x: &UdpRun| x.cpu.proxy_s / x.received.max(1) as f64 * 1e6;
+        let cpu_check = |count: usize, most: f64| {
+            let us = med(count, Target::Agent, &cpu);
+            Check::new(
+                format!("UDP agent CPU <= {most} us per echoed datagram, {count} session(s)"),
+                format!("{us:.1} us ({PAYLOAD}-byte datagrams, median)"),
+                us <= most,
+            )
+        };
+        let lost8: u64 = results[&(sessions, PAYLOAD, "agent")]
+            .iter()
+            .map(|x| x.lost)
+            .sum();
+        let sent8: u64 = results[&(sessions, PAYLOAD, "agent")]
+            .iter()
+            .map(|x| x.sent)
+            .sum();
         let checks = [
             ratio_check(
                 "UDP 1 session >= 0.55x direct datagrams/s",
-                med(1, Target::Agent),
-                med(1, Target::Direct),
+                med(1, Target::Agent, &dps),
+                med(1, Target::Direct, &dps),
                 0.55,
+                false,
+                "datagrams/s",
+            ),
+            ratio_check(
+                &format!("UDP {sessions} sessions >= 0.75x direct datagrams/s"),
+                med(sessions, Target::Agent, &dps),
+                med(sessions, Target::Direct, &dps),
+                0.75,
                 false,
                 "datagrams/s",
             ),
@@ -144,12 +181,14 @@ impl Bench {
                 format!("{lost8} of {sent8} lost over {runs} run(s)"),
                 lost8 == 0,
             ),
+            cpu_check(1, 12.0),
+            cpu_check(sessions, 10.0),
         ];
         println!(
-            "\n== UDP, {}-byte datagrams, {} in flight per session; {sessions} sessions \
-             each send {n} too; RTT at full window; CPU per echoed datagram; stalls = window \
-             full for 200 ms, rcvbuf drops = kernel UDP RcvbufErrors (machine-wide)\n{}",
-            PAYLOAD,
+            "\n== UDP, {PAYLOAD}-byte then {SMALL}-byte datagrams, {} in flight per session; \
+             {sessions} sessions each send {n} too; RTT at full window; CPU per echoed datagram; \
+             stalls = window full for 200 ms, rcvbuf drops = kernel UDP RcvbufErrors \
+             (machine-wide)\n{}",
             WINDOW,
             table(
                 &[
@@ -226,6 +265,7 @@ pub struct UdpRun {
 pub async fn run(
     sessions: Vec<Arc<Dgram>>,
     per_session: u64,
+    size: usize,
     meter: &Meter,
     limit: Duration,
 ) -> Result<(UdpRun, Vec<Arc<Dgram>>)> {
@@ -236,7 +276,7 @@ pub async fn run(
     let deadline = start + limit;
     let mut set = JoinSet::new();
     for (i, d) in sessions.iter().enumerate() {
-        set.spawn(session(d.clone(), i as u32, per_session, start, deadline));
+        set.spawn(session(d.clone(), i as u32, per_session, size, start, deadline));
     }
     let mut all = Vec::with_capacity(count);
     while let Some(r) = set.join_next().await {
@@ -261,7 +301,7 @@ pub async fn run(
         received,
         lost: sent - received,
         dgrams_per_s: received as f64 / span,
-        mb_per_s: received as f64 * PAYLOAD as f64 / span / 1e6,
+        mb_per_s: received as f64 * size as f64 / span / 1e6,
         rtt_p50_us: percentile(&rtts, 50.0) as f64 / 1e3,
         rtt_p99_us: percentile(&rtts, 99.0) as f64 / 1e3,
         stalls: all.iter().map(|s| s.stalls).sum(),
@@ -278,7 +318,14 @@ pub async fn run(
     Ok((run, sessions))
 }
 
-async fn session(d: Arc<Dgram>, id: u32, n: u64, start: Instant, deadline: Instant) -> Session {
+async fn session(
+    d: Arc<Dgram>,
+    id: u32,
+    n: u64,
+    size: usize,
+    start: Instant,
+    deadline: Instant,
+) -> Session {
     let window = Arc::new(Semaphore::new(WINDOW));
     // Slots handed out on a stall: an arrival pays one back instead of freeing a slot.
     let owed = Arc::new(AtomicU64::new(0));
@@ -293,7 +340,7 @@ async fn session(d: Arc<Dgram>, id: u32, n: u64, start: Instant, deadline: Insta
             done.clone(),
         );
         tokio::spawn(async move {
-            let mut buf = vec![0u8; PAYLOAD];
+            let mut buf = vec![0u8; size];
             let (mut sent, mut stalls, mut errors) = (0u64, 0u64, 0u64);
             for seq in 0..n {
                 if Instant::now() > deadline {
@@ -330,7 +377,7 @@ async fn session(d: Arc<Dgram>, id: u32, n: u64, start: Instant, deadline: Insta
         match d.recv(&mut buf, Duration::from_millis(100)).await {
             Ok(Some(len)) => {
                 quiet_since = None;
-                let Some(seq) = check(&buf[..len], id) else {
+                let Some(seq) = check(&buf[..len], id, size) else {
                     s.corrupt += 1;
                     continue;
                 };
