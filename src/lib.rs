@@ -21,7 +21,9 @@
 //!   line), with `tunnel::tcp` and `tunnel::udp` as its two transports;
 //! - `policy`: `[policy]`, which destinations may be dialed: resolve once, judge every
 //!   address, dial only those (tunnels, `/proxy/http` and `/health` alike);
-//! - `dtls`: the UDP side: demultiplexer, one session task per peer;
+//! - `dtls`: the UDP side: demultiplexer, one session task per peer; webrtc-dtls runs the
+//!   handshake, then the session seals and opens its records itself (`dtls::record`, ring's
+//!   AES-GCM) with batched system calls (`dtls::batch`, quinn-udp: recvmmsg, GSO);
 //! - `http`: the HTTP side: `http/mod.rs` routes, `http/conn.rs` decides when a connection may
 //!   close (idle apart from header time), `http/info.rs` is `/godoxy/agent/info`,
 //!   `http/docker.rs` relays the Docker Engine API under `docker.access`;
