@@ -129,7 +129,7 @@ impl Sizes {
             udp: q(200_000, 20_000),
             udp_sessions: 8,
             mem_tcp: q(1000, 200) as usize,
-            mem_udp: q(200, 50) as usize,
+            mem_udp: q(1000, 50) as usize,
             docker_warm: q(200, 50) as usize,
             docker_requests: q(2000, 300) as usize,
             docker_clients: 8,
