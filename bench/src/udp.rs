@@ -276,7 +276,14 @@ pub async fn run(
     let deadline = start + limit;
     let mut set = JoinSet::new();
     for (i, d) in sessions.iter().enumerate() {
-        set.spawn(session(d.clone(), i as u32, per_session, size, start, deadline));
+        set.spawn(session(
+            d.clone(),
+            i as u32,
+            per_session,
+            size,
+            start,
+            deadline,
+        ));
     }
     let mut all = Vec::with_capacity(count);
     while let Some(r) = set.join_next().await {
