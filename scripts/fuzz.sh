@@ -48,7 +48,7 @@ for target in "${targets[@]}"; do
   # The final stats when libFuzzer finished normally, else its last progress line.
   executions=$(awk '/stat::number_of_executed_units/ {print $2}' "$log" | tail -n 1)
   if [ -z "$executions" ]; then
-    executions=$(grep -oE '^#[0-9]+' "$log" | tail -n 1 | tr -d '#')
+    executions=$(grep -oE '^#[0-9]+' "$log" | tail -n 1 | tr -d '#' || true)
   fi
   crashes=$(($(find "artifacts/$target" -type f | wc -l) - before))
   printf '%-14s %12s %8s %8s\n' "$target" "${executions:-?}" "$crashes" "$took"
