@@ -121,14 +121,7 @@ pub mod fuzzing {
     /// that opened.
     pub fn dtls_records(datagram: &[u8]) -> usize {
         use crate::dtls::record::{self, content};
-        let keys = webrtc_dtls::conn::RecordKeys {
-            local_key: vec![0x42; 16],
-            local_iv: vec![1, 2, 3, 4],
-            remote_key: vec![0x42; 16],
-            remote_iv: vec![1, 2, 3, 4],
-            epoch: 1,
-            next_sequence: 1,
-        };
+        let keys = record::fixed_keys(1);
         let Ok((sealer, mut opener)) = record::split(&keys) else {
             return 0;
         };

@@ -183,23 +183,23 @@ pub(crate) fn datagrams<'a>(buf: &'a [u8], meta: &RecvMeta) -> impl Iterator<Ite
     filled.chunks(meta.stride.max(1)).chain(empty)
 }
 
-/// Receive buffers for [`Batched::recv`]: `count` slots of `size` bytes in one allocation,
+/// Receive buffers for [`Batched::recv`]: `BATCH` slots of `size` bytes in one allocation,
 /// made once. At 1 MiB it comes straight from the kernel as untouched pages: only the pages
 /// datagrams are written to count in the agent's memory.
 pub(crate) struct RecvBufs {
     buf: Vec<u8>,
     size: usize,
     /// What each slot received.
-    pub(crate) meta: Vec<RecvMeta>,
+    pub(crate) meta: [RecvMeta; BATCH],
 }
 
 impl RecvBufs {
-    /// `count` slots of `size` bytes.
-    pub(crate) fn new(count: usize, size: usize) -> Self {
+    /// `BATCH` slots of `size` bytes.
+    pub(crate) fn new(size: usize) -> Self {
         Self {
-            buf: vec![0u8; count * size],
+            buf: vec![0u8; BATCH * size],
             size,
-            meta: vec![RecvMeta::default(); count],
+            meta: [RecvMeta::default(); BATCH],
         }
     }
 
@@ -209,11 +209,9 @@ impl RecvBufs {
         batched: &Batched,
         socket: &UdpSocket,
     ) -> io::Result<usize> {
-        let mut slices: Vec<IoSliceMut<'_>> = self
-            .buf
-            .chunks_mut(self.size)
-            .map(IoSliceMut::new)
-            .collect();
+        let mut slots = self.buf.chunks_mut(self.size);
+        let mut slices: [IoSliceMut<'_>; BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(slots.next().unwrap_or(&mut [])));
         batched.recv(socket, &mut slices, &mut self.meta).await
     }
 

@@ -222,7 +222,7 @@ pub(crate) async fn run(
     );
     report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // GRO may put up to 64 datagrams of one peer in a buffer: each holds the largest.
-    let mut bufs = RecvBufs::new(batch::BATCH, MAX_DATAGRAM);
+    let mut bufs = RecvBufs::new(MAX_DATAGRAM);
     loop {
         if !demux.accepting && demux.peers.is_empty() {
             break;
